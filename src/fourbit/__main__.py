@@ -1,0 +1,5 @@
+import sys
+
+from fourbit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""What every number format shares: argument checks and the scale/encode/decode plumbing.
+
+A format is a pure function of its input (no state, no nn). It maps a float tensor onto
+its grid and returns the dequantized values ("fake quantization"), or the integer codes.
+The contract, for every format:
+
+    quantize(x, scale) == decode(encode(x, scale), scale)
+    quantize(x, scale) == scale * q(float32(x) / scale)      q: the format's unit grid
+
+Everything is computed in float32; `quantize` returns `x`'s own dtype. NaN stays NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+ScaleLike = float | Tensor
+
+
+def check_scale(scale: ScaleLike) -> None:
+    """Raise ValueError unless every scale is a finite positive number."""
+    if isinstance(scale, Tensor):
+        bad = scale.numel() > 0 and bool(((scale <= 0) | ~torch.isfinite(scale)).any())
+    else:
+        bad = not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)
+    if bad:
+        raise ValueError(f"scale must be a finite number > 0; got {scale!r}")
+
+
+def check_input(x: Tensor) -> Tensor:
+    """The float32 working copy of `x`; ValueError for anything but a float tensor."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor; got {x.dtype} (convert with x.float())")
+    return x.float()
+
+
+def random_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """U[0, 1) draws shaped like `like`, from `generator` (torch's global one when None)."""
+    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+def round_half_even(y: Tensor) -> Tensor:
+    """torch.round rounds ties to even; named so the rule is visible where it is used."""
+    return torch.round(y)
+
+
+def floor_log2(a: Tensor) -> Tensor:
+    """floor(log2(a)) for finite a > 0, exact (read from the float's exponent, no log)."""
+    return torch.frexp(a).exponent - 1
+
+
+def exp2i(e: Tensor) -> Tensor:
+    """2**e for an integer tensor, exact in float32 down to 2**-149."""
+    return torch.exp2(e.to(torch.float32))
+
+
+class Format(ABC):
+    """A number format. Subclasses define the grid on unit scale; this class adds the scale.
+
+    `roundings` lists the rounding rules a format offers; the first is its default.
+    """
+
+    name: str
+    bits: int
+    roundings: ClassVar[tuple[str, ...]] = ("nearest", "stochastic")
+    phases: ClassVar[tuple[int, ...]] = (0,)
+
+    # -- the unit grid: subclasses implement these three ---------------------------------
+    @abstractmethod
+    def _round(self, y: Tensor, phase: int, rounding: str, generator) -> Tensor:
+        """float32 y (already divided by scale) -> nearest grid values; NaN stays NaN."""
+
+    @abstractmethod
+    def _to_codes(self, q: Tensor, phase: int) -> Tensor:
+        """Grid values (output of _round, no NaN unless the format has a NaN code) -> codes."""
+
+    @abstractmethod
+    def _from_codes(self, codes: Tensor, phase: int) -> Tensor:
+        """Codes -> float32 grid values on unit scale."""
+
+    @abstractmethod
+    def _all_codes(self) -> Tensor:
+        """Every code of the format (used by values())."""
+
+    has_nan_code: ClassVar[bool] = False
+
+    # -- the public API ------------------------------------------------------------------
+    def _check(self, phase: int, rounding: str | None) -> str:
+        if phase not in self.phases:
+            raise ValueError(f"phase must be one of {self.phases} for {self.name}; got {phase!r}")
+        rounding = self.roundings[0] if rounding is None else rounding
+        if rounding not in self.roundings:
+            raise ValueError(f"rounding must be one of {self.roundings} for {self.name}; got {rounding!r}")
+        return rounding
+
+    def quantize(
+        self,
+        x: Tensor,
+        scale: ScaleLike = 1.0,
+        phase: int = 0,
+        rounding: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Dequantized values of `x` on this grid times `scale`, in `x`'s dtype."""
+        rounding = self._check(phase, rounding)
+        check_scale(scale)
+        y = check_input(x)
+        return (self._round(y / scale, phase, rounding, generator) * scale).to(x.dtype)
+
+    def encode(
+        self,
+        x: Tensor,
+        scale: ScaleLike = 1.0,
+        phase: int = 0,
+        rounding: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Integer codes of `x / scale` on this grid (uint8/int8, int16 for 16-bit formats)."""
+        rounding = self._check(phase, rounding)
+        check_scale(scale)
+        y = check_input(x)
+        if not self.has_nan_code and bool(torch.isnan(y).any()):
+            raise ValueError(
+                f"{self.name} has no code for NaN; found NaN in x "
+                "(use quantize(), which keeps NaN, or remove the NaN first)"
+            )
+        return self._to_codes(self._round(y / scale, phase, rounding, generator), phase)
+
+    def decode(self, codes: Tensor, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
+        """float32 values of `codes` times `scale`."""
+        self._check(phase, None)
+        check_scale(scale)
+        return self._from_codes(codes, phase) * scale
+
+    def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
+        """Every finite representable value times `scale`, sorted, float32, zero once."""
+        self._check(phase, None)
+        check_scale(scale)
+        v = self._from_codes(self._all_codes(), phase)
+        v = v[torch.isfinite(v)]
+        return torch.unique(torch.where(v == 0, torch.zeros_like(v), v)) * scale
+
+    def max_value(self, phase: int = 0) -> float:
+        return float(self.values(phase=phase)[-1])
+
+    def min_positive(self, phase: int = 0) -> float:
+        v = self.values(phase=phase)
+        return float(v[v > 0][0])
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"

@@ -1,0 +1,161 @@
+"""How a scale is chosen: SAWB (weights), PACT (activations), Max, GradScale (gradients).
+
+A scale maps a tensor onto a format's unit grid: `fmt.quantize(x, scale)`. The scalers
+here return float32 scalar tensors and never call `.item()`, so they add no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fourbit.formats import Format, IntFormat
+from fourbit.formats.base import exp2i, floor_log2
+
+# SAWB clip coefficients alpha = c1·sqrt(E[w²]) + c2·E[|w|], by bit width. Source: IBM's
+# fit (Choi et al. 2018, "Bridging the accuracy gap for 2-bit quantized neural networks",
+# as used by Sun et al. 2020). Only the 4-bit fit is published with the 4-bit scheme.
+SAWB_COEFFICIENTS: dict[int, tuple[float, float]] = {4: (12.68, -12.80)}
+
+
+def _amax(x: Tensor) -> Tensor:
+    return x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+
+
+def max_scale(x: Tensor, fmt: Format) -> Tensor:
+    """Current scaling: the scale that maps max |x| onto the format's largest value (1 if x == 0)."""
+    amax = _amax(x)
+    return torch.where(amax > 0, amax / fmt.max_value(), torch.ones_like(amax))
+
+
+def sawb_scale(w: Tensor, fmt: IntFormat, coefficients: tuple[float, float] | None = None) -> Tensor:
+    """SAWB: clip alpha = c1·sqrt(mean(w²)) + c2·mean(|w|); scale = alpha / qmax.
+
+    The fit assumes bell-shaped weights; where it gives alpha <= 0 (e.g. every |w| equal)
+    the clip falls back to max |w|, and an all-zero tensor gets scale 1.
+    """
+    if coefficients is None:
+        if fmt.bits not in SAWB_COEFFICIENTS:
+            raise ValueError(
+                f"no published SAWB coefficients for {fmt.bits} bits (have {sorted(SAWB_COEFFICIENTS)}); "
+                "pass coefficients=(c1, c2)"
+            )
+        coefficients = SAWB_COEFFICIENTS[fmt.bits]
+    c1, c2 = coefficients
+    w = w.detach().float()
+    if w.numel() == 0:
+        return torch.ones((), device=w.device)
+    alpha = c1 * w.square().mean().sqrt() + c2 * w.abs().mean()
+    alpha = torch.where(alpha > 0, alpha, _amax(w))
+    return torch.where(alpha > 0, alpha / fmt.qmax, torch.ones_like(alpha))
+
+
+class _PACTClip(torch.autograd.Function):
+    """y = quantize(clip(x, lo, alpha)): straight-through inside the clip, dy/dalpha = 1 at the top."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, grid: IntFormat, signed: bool):
+        lo = -alpha if signed else torch.zeros_like(alpha)
+        y = torch.minimum(torch.maximum(x, lo.to(x.dtype)), alpha.to(x.dtype))
+        below = x <= lo if signed else x < lo
+        ctx.save_for_backward(x >= alpha, below)
+        ctx.signed = signed
+        return grid.quantize(y, alpha / grid.qmax)
+
+    @staticmethod
+    def backward(ctx, g):
+        above, below = ctx.saved_tensors
+        dx = torch.where(above | below, torch.zeros_like(g), g)
+        dalpha = g[above].sum() - (g[below].sum() if ctx.signed else 0)
+        return dx, dalpha.reshape(()).float(), None, None
+
+
+class PACT(nn.Module):
+    """PACT activation quantizer with a learnable clip alpha (Choi et al. 2018).
+
+    Unsigned input (after ReLU): clip to [0, alpha] on the UINT grid 0 ... 2**bits - 1.
+    Signed input (choice): clip to [-alpha, alpha] on the symmetric INT grid. Which one is
+    fixed by the first forward pass (any negative value -> signed) and kept in the state.
+    Gradients: straight-through for x inside the clip, 0 outside; d/dalpha = 1 where the
+    value is clipped at the top (-1 at the bottom when signed).
+    """
+
+    def __init__(self, bits: int = 4, alpha: float = 10.0):
+        super().__init__()
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0; got {alpha!r}")
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))  # -1: not yet seen
+
+    @property
+    def grid(self) -> IntFormat:
+        if self.signed < 0:
+            raise RuntimeError("PACT has not seen an input yet, so its grid is not fixed")
+        return IntFormat(self.bits, signed=bool(self.signed), symmetric=bool(self.signed))
+
+    @property
+    def scale(self) -> Tensor:
+        return self.alpha.detach() / self.grid.qmax
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.signed < 0:
+            self.signed.fill_(int(x.numel() > 0 and bool(x.detach().min() < 0)))
+        # a floor keeps the scale valid should the optimizer push alpha to 0 or below
+        alpha = self.alpha.clamp(min=1e-8)
+        return _PACTClip.apply(x, alpha, self.grid, bool(self.signed))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+GRADSCALE_RULES = ("adaptive", "current", "none")
+
+
+class GradScale(nn.Module):
+    """Per-layer power-of-two gradient scale, kept across iterations (Sun et al. 2020).
+
+    The gradient is multiplied by the scale before it is quantized onto a grid whose top
+    value is `max_value` (M), and divided by it afterwards. Rules:
+    - `adaptive` (the paper): this iteration uses the stored scale s; then, with
+      m = s · max|g|: m in (M/2, M] keeps s, m <= M/2 doubles it, m > M halves it (the
+      values above M saturated this once);
+    - `current`: s is the largest power of two with s · max|g| <= M, from this gradient;
+    - `none`: s stays at `init` (one fixed global loss scale: the baseline).
+    A gradient with NaN/inf halves the scale (back-off); an all-zero one leaves it.
+    """
+
+    def __init__(self, rule: str = "adaptive", max_value: float = 1.0, init: float = 1.0):
+        super().__init__()
+        if rule not in GRADSCALE_RULES:
+            raise ValueError(f"rule must be one of {GRADSCALE_RULES}; got {rule!r}")
+        if not max_value > 0:
+            raise ValueError(f"max_value must be > 0; got {max_value!r}")
+        if not init > 0:
+            raise ValueError(f"init must be > 0; got {init!r}")
+        self.rule, self.max_value = rule, float(max_value)
+        self.register_buffer("scale", torch.tensor(float(init)))
+
+    def forward(self, amax: Tensor) -> Tensor:
+        """The scale for a gradient whose max |g| is `amax`; updates the state for the next one."""
+        s, M = self.scale.clone(), self.max_value
+        if self.rule == "none":
+            return s
+        amax = amax.detach().float().to(s.device)
+        finite, zero = torch.isfinite(amax), amax == 0
+        if self.rule == "current":
+            s1 = exp2i(floor_log2(torch.tensor(M)) - floor_log2(amax))
+            new = torch.where(amax * s1 <= M, s1, s1 / 2)
+            new = torch.where(zero, s, new)
+            used = new
+        else:
+            m = amax * s
+            new = torch.where(m > M, s / 2, torch.where(m <= M / 2, s * 2, s))
+            new = torch.where(zero, s, new)
+            used = s
+        new = torch.where(finite, new, s / 2).clamp(2.0**-126, 2.0**126)
+        self.scale.copy_(new)
+        return torch.where(finite, used, s)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule}, max_value={self.max_value}"

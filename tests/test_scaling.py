@@ -1,0 +1,134 @@
+"""Scalers against hand computations: SAWB, Max, PACT (values and gradients), GradScale."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fourbit import formats
+from fourbit.scaling import PACT, SAWB_COEFFICIENTS, GradScale, max_scale, sawb_scale
+
+INT4 = formats.get("int4")
+
+
+def test_sawb_matches_the_published_formula():
+    w = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.05
+    w64 = w.double().numpy()
+    c1, c2 = 12.68, -12.80
+    alpha = c1 * np.sqrt(np.mean(w64**2)) + c2 * np.mean(np.abs(w64))
+    assert SAWB_COEFFICIENTS[4] == (c1, c2)
+    assert sawb_scale(w, INT4).item() == pytest.approx(alpha / 7, rel=1e-5)
+    # for a Gaussian the SAWB clip sits near 2.47 sigma
+    assert alpha / 0.05 == pytest.approx(12.68 - 12.80 * np.sqrt(2 / np.pi), abs=0.1)
+
+
+def test_sawb_custom_coefficients_and_degenerate_inputs():
+    w = torch.tensor([-0.5, 0.5, 0.5, -0.5])  # rms == mean|w|: the 4-bit fit gives alpha < 0
+    assert sawb_scale(w, INT4).item() == pytest.approx(0.5 / 7)  # falls back to max |w|
+    assert sawb_scale(torch.zeros(10), INT4).item() == 1.0
+    assert sawb_scale(torch.zeros(0), INT4).item() == 1.0
+    assert sawb_scale(w, INT4, coefficients=(2.0, 0.0)).item() == pytest.approx(1.0 / 7)
+    with pytest.raises(ValueError, match="coefficients"):
+        sawb_scale(w, formats.get("int8"))
+
+
+def test_max_scale_maps_amax_to_the_top_value():
+    x = torch.tensor([0.1, -3.5, 2.0])
+    assert max_scale(x, INT4).item() == pytest.approx(3.5 / 7)
+    assert max_scale(x, formats.get("fp4_radix4")).item() == pytest.approx(3.5)
+    assert max_scale(torch.zeros(3), INT4).item() == 1.0
+
+
+def _pact_reference(x, alpha, signed):
+    x = x.double().numpy()
+    qmax = 7 if signed else 15
+    lo = -alpha if signed else 0.0
+    s = np.float32(alpha) / np.float32(qmax)
+    y = np.clip(x, lo, alpha).astype(np.float32)
+    return np.clip(np.round(y / s), -qmax if signed else 0, qmax) * s
+
+
+def test_pact_unsigned_forward_and_gradients():
+    pact = PACT(bits=4, alpha=3.0)
+    x = torch.tensor([0.0, 0.1, 0.2, 1.0, 2.9, 3.0, 5.0, 7.5], requires_grad=True)
+    y = pact(x)
+    assert pact.signed.item() == 0
+    np.testing.assert_array_equal(y.detach().numpy(), _pact_reference(x.detach(), 3.0, signed=False))
+    upstream = torch.arange(1.0, 9.0)
+    y.backward(upstream)
+    # straight-through inside [0, alpha], zero where clipped; d/dalpha collects the clipped ones
+    np.testing.assert_array_equal(x.grad.numpy(), [1, 2, 3, 4, 5, 0, 0, 0])
+    assert pact.alpha.grad.item() == 6 + 7 + 8
+
+
+def test_pact_signed_grid_is_fixed_by_the_first_input():
+    pact = PACT(bits=4, alpha=2.0)
+    x = torch.tensor([-3.0, -2.0, -0.3, 0.3, 1.99, 2.5], requires_grad=True)
+    y = pact(x)
+    assert pact.signed.item() == 1 and pact.grid.qmin == -7
+    np.testing.assert_array_equal(y.detach().numpy(), _pact_reference(x.detach(), 2.0, signed=True))
+    y.backward(torch.ones(6))
+    np.testing.assert_array_equal(x.grad.numpy(), [0, 0, 1, 1, 1, 0])
+    assert pact.alpha.grad.item() == 1 - 2  # +1 above alpha, -1 for each at or below -alpha
+
+    unsigned = PACT(alpha=2.0)
+    unsigned(torch.tensor([0.5, 1.0]))
+    out = unsigned(torch.tensor([-1.0, 1.0]))  # later negative inputs are clipped, not re-signed
+    assert unsigned.signed.item() == 0 and out[0].item() == 0.0
+
+
+def test_pact_state_round_trips_through_state_dict():
+    a = PACT(alpha=4.0)
+    a(torch.tensor([-1.0, 2.0]))
+    with torch.no_grad():
+        a.alpha.fill_(2.5)
+    b = PACT()
+    b.load_state_dict(a.state_dict())
+    assert b.alpha.item() == 2.5 and b.signed.item() == 1
+    x = torch.linspace(-4, 4, 33)
+    assert torch.equal(a(x), b(x))
+
+
+def test_pact_rejects_a_bad_alpha():
+    with pytest.raises(ValueError, match="alpha"):
+        PACT(alpha=0.0)
+
+
+def test_gradscale_adaptive_follows_the_paper_rule():
+    gs = GradScale("adaptive", max_value=1.0, init=1.0)
+    used = []
+    for amax in [0.3, 0.3, 0.7, 0.7, 0.4, 0.0]:
+        used.append(gs(torch.tensor(amax)).item())
+    # 0.3*1 <= 1/2: double; 0.3*2 in (1/2, 1]: keep; 0.7*2 > 1: halve; 0.7*1 keep;
+    # 0.4*1 <= 1/2: double; all-zero gradient: keep
+    assert used == [1.0, 2.0, 2.0, 1.0, 1.0, 2.0]
+    assert gs.scale.item() == 2.0
+
+
+def test_gradscale_current_and_none():
+    gs = GradScale("current", max_value=1.0)
+    assert gs(torch.tensor(0.3)).item() == 2.0
+    assert gs(torch.tensor(0.25)).item() == 4.0  # 0.25 * 4 == M exactly: still covered
+    assert gs(torch.tensor(np.nextafter(np.float32(0.25), 1))).item() == 2.0
+    fixed = GradScale("none", init=1024.0)
+    assert [fixed(torch.tensor(a)).item() for a in (1e-9, 1e9)] == [1024.0, 1024.0]
+
+
+def test_gradscale_backs_off_on_nan_and_round_trips():
+    gs = GradScale("adaptive", init=8.0)
+    assert gs(torch.tensor(float("nan"))).item() == 8.0
+    assert gs.scale.item() == 4.0
+    other = GradScale("adaptive")
+    other.load_state_dict(gs.state_dict())
+    assert other.scale.item() == 4.0
+    with pytest.raises(ValueError, match="rule"):
+        GradScale("sometimes")
+
+
+@given(st.floats(min_value=1e-30, max_value=1e30), st.sampled_from([1.0, 2.0, 6.0, 448.0]))
+def test_gradscale_current_puts_the_max_in_the_top_binade(amax, top):
+    s = GradScale("current", max_value=top)(torch.tensor(amax, dtype=torch.float32)).item()
+    m = np.float32(amax) * s
+    assert top / 2 < m <= top
+    assert np.log2(s) == int(np.log2(s))  # a power of two
