@@ -76,16 +76,18 @@ class PACT(nn.Module):
     Unsigned input (after ReLU): clip to [0, alpha] on the UINT grid 0 ... 2**bits - 1.
     Signed input (choice): clip to [-alpha, alpha] on the symmetric INT grid. Which one is
     fixed by the first forward pass (any negative value -> signed) and kept in the state.
+    `alpha=None` (choice) starts alpha at that first input's max |x| (1 when it is 0).
     Gradients: straight-through for x inside the clip, 0 outside; d/dalpha = 1 where the
     value is clipped at the top (-1 at the bottom when signed).
     """
 
-    def __init__(self, bits: int = 4, alpha: float = 10.0):
+    def __init__(self, bits: int = 4, alpha: float | None = None):
         super().__init__()
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0; got {alpha!r}")
+        if alpha is not None and not alpha > 0:
+            raise ValueError(f"alpha must be > 0 or None; got {alpha!r}")
         self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.alpha_from_data = alpha is None
+        self.alpha = nn.Parameter(torch.tensor(1.0 if alpha is None else float(alpha)))
         self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))  # -1: not yet seen
 
     @property
@@ -98,12 +100,30 @@ class PACT(nn.Module):
     def scale(self) -> Tensor:
         return self.alpha.detach() / self.grid.qmax
 
-    def forward(self, x: Tensor) -> Tensor:
+    def observe(self, x: Tensor) -> bool:
+        """On the first input seen, fix signedness (and alpha when it starts from data)."""
         if self.signed < 0:
-            self.signed.fill_(int(x.numel() > 0 and bool(x.detach().min() < 0)))
-        # a floor keeps the scale valid should the optimizer push alpha to 0 or below
-        alpha = self.alpha.clamp(min=1e-8)
-        return _PACTClip.apply(x, alpha, self.grid, bool(self.signed))
+            x = x.detach().float()
+            self.signed.fill_(int(x.numel() > 0 and bool(x.min() < 0)))
+            if self.alpha_from_data:
+                amax = _amax(x)
+                with torch.no_grad():
+                    self.alpha.fill_(amax.item() if 0 < amax < float("inf") else 1.0)
+        return bool(self.signed)
+
+    def preset(self, signed: bool, alpha: float) -> None:
+        """Fix signedness and alpha before any input (e.g. LSTM hidden states lie in (-1, 1))."""
+        self.signed.fill_(int(signed))
+        with torch.no_grad():
+            self.alpha.fill_(alpha)
+
+    def clip_level(self) -> Tensor:
+        """alpha, floored so the scale stays valid should the optimizer push alpha to 0."""
+        return self.alpha.clamp(min=1e-8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        signed = self.observe(x)
+        return _PACTClip.apply(x, self.clip_level(), self.grid, signed)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

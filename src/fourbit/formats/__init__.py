@@ -34,6 +34,7 @@ _REGISTRY: dict[str, Format] = {
         FP4_E2M1,
         BlockFormat((32,), "e8m0", name="mxfp4"),
         BlockFormat((16,), "e4m3", name="nvfp4"),
+        BlockFormat((16, 16), "e4m3", name="nvfp4_2d"),  # NVFP4 weights: one scale per 16x16 tile
     )
 }
 

@@ -1,0 +1,246 @@
+"""The three GEMMs of a quantized layer, with every quantization point named.
+
+    forward    Y  = Q_A(A) ⊛ Q_B(B)                       B: the weight (or 2nd activation)
+    dA GEMM    dA = Q_G(s·dY, phase_dx) ⊛ᵀ Q_B(B) / s
+    dB GEMM    dB = Q_A(A)ᵀ ⊛ Q_G(s·dY, phase_dw) / s      s: the layer's GradScale
+
+A GEMM family (linear, conv, matmul) is a `GemmOps`: its three GEMMs and, for each
+operand, the reduction axis it has in each GEMM (block formats put their blocks there;
+fp16 accumulation chunks it). `QuantizedGemm` is the one autograd.Function for them all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fourbit.formats import IntFormat
+from fourbit.nn.quant import Packed, operand_scale, pack_bits, quantize_operand, unpack_bits
+from fourbit.nn.spec import OperandSpec
+
+FP16_CHUNK = 64  # reduction elements per fp16 partial sum (SPEC §4)
+HADAMARD_SIZE = 16
+
+
+@dataclass(frozen=True)
+class GemmOps:
+    """One GEMM family. Axes are the reduction axes of each operand in each GEMM."""
+
+    forward: Callable[[Tensor, Tensor], Tensor]  # (a, b) -> y
+    grad_a: Callable[[Tensor, Tensor, torch.Size], Tensor]  # (g, b, a.shape) -> dA
+    grad_b: Callable[[Tensor, Tensor, torch.Size], Tensor]  # (a, g, b.shape) -> dB
+    a_fwd: int
+    b_fwd: int
+    g_da: int
+    b_da: int
+    a_db: int
+    g_db: int
+    b_is_activation: bool = False  # matmul: B is quantized like an activation
+    fwd_slice: int = 1  # reduction elements per index of the fwd / dA reduction axis
+    db_slice: Callable[[Tensor], int] = lambda g: 1  # same, for the dB reduction axis
+
+
+def linear_ops() -> GemmOps:
+    """a [N, in], w [out, in] -> y [N, out]."""
+    return GemmOps(
+        forward=lambda a, w: F.linear(a, w),
+        grad_a=lambda g, w, shape: g @ w,
+        grad_b=lambda a, g, shape: g.t() @ a,
+        a_fwd=-1, b_fwd=-1, g_da=-1, b_da=0, a_db=0, g_db=0,
+    )  # fmt: skip
+
+
+def conv_ops(dims: int, stride, padding, dilation, groups: int, kernel_numel: int) -> GemmOps:
+    """a [N, C, *spatial], w [O, C/groups, *kernel] -> y [N, O, *spatial_out]."""
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    conv_input = getattr(torch.nn.grad, f"conv{dims}d_input")
+    conv_weight = getattr(torch.nn.grad, f"conv{dims}d_weight")
+    args = (stride, padding, dilation, groups)
+    return GemmOps(
+        forward=lambda a, w: conv(a, w, None, *args),
+        grad_a=lambda g, w, shape: conv_input(shape, w, g, *args),
+        grad_b=lambda a, g, shape: conv_weight(a, shape, g, *args),
+        a_fwd=1, b_fwd=1, g_da=1, b_da=0, a_db=0, g_db=0,
+        fwd_slice=kernel_numel,
+        db_slice=lambda g: math.prod(g.shape[2:]),
+    )  # fmt: skip
+
+
+def matmul_ops() -> GemmOps:
+    """a [..., m, k] @ b [..., k, n] -> y [..., m, n]; both operands are activations."""
+    return GemmOps(
+        forward=torch.matmul,
+        grad_a=lambda g, b, shape: (g @ b.mT).sum_to_size(shape),
+        grad_b=lambda a, g, shape: (a.mT @ g).sum_to_size(shape),
+        a_fwd=-1, b_fwd=-2, g_da=-1, b_da=-1, a_db=-2, g_db=-2,
+        b_is_activation=True,
+    )  # fmt: skip
+
+
+def chunked_fp16(op: Callable, x: Tensor, y: Tensor, x_axis: int, y_axis: int, per_index: int) -> Tensor:
+    """op(x, y) with fp16 accumulation: partial sums over chunks of ~64 reduction elements,
+    each rounded to fp16, added in fp16 (products of 4-bit values are exact in fp32)."""
+    n = x.shape[x_axis]
+    step = max(1, FP16_CHUNK // max(per_index, 1))
+    total = None
+    for start in range(0, n, step):
+        length = min(step, n - start)
+        part = op(x.narrow(x_axis, start, length), y.narrow(y_axis, start, length)).half()
+        total = part if total is None else total + part
+    return total.float()
+
+
+def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
+    """(H·diag(signs)) applied to blocks of 16 along `axis` (zero-padded); H orthonormal.
+
+    Applied to both inputs of a GEMM along its reduction axis it leaves the product as
+    it was, while spreading outliers across each block before quantization (NVFP4)."""
+    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
+    while h.shape[0] < HADAMARD_SIZE:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    t = (h * signs.to(x.device)) / math.sqrt(HADAMARD_SIZE)
+    moved = x.movedim(axis, -1)
+    moved = F.pad(moved, (0, -moved.shape[-1] % HADAMARD_SIZE))
+    blocks = moved.reshape(*moved.shape[:-1], -1, HADAMARD_SIZE) @ t.t()
+    return blocks.reshape(moved.shape).movedim(-1, axis)
+
+
+@dataclass
+class _Operand:
+    """A forward operand: quantized values, what to save, and PACT's clip information."""
+
+    values: Tensor
+    packed: Packed | None
+    clipped: Tensor | None = None  # packed bits: outside PACT's clip range
+    signed: bool = False
+
+
+def _quantize_forward_operand(
+    spec: OperandSpec, x: Tensor, alpha: Tensor | None, pact_signed: bool, axis: int, generator, keep: bool
+) -> _Operand:
+    """Q_A / Q_W: PACT clips to [0, α] (or [-α, α]) on the INT grid; other scalers just scale."""
+    if spec.scaler != "pact":
+        scale = operand_scale(spec, x)
+        values, packed = quantize_operand(spec.fmt, x, scale, 0, spec.rounding, generator, axis, keep)
+        return _Operand(values, packed)
+    grid = IntFormat(spec.fmt.bits, signed=pact_signed, symmetric=pact_signed)
+    lo = -alpha if pact_signed else torch.zeros_like(alpha)
+    x = x.float()
+    y = torch.minimum(torch.maximum(x, lo), alpha)
+    values, packed = quantize_operand(grid, y, alpha / grid.qmax, 0, spec.rounding, generator, axis, keep)
+    clipped = None
+    if keep:
+        clipped = pack_bits((x >= alpha) | ((x <= lo) if pact_signed else (x < lo)))
+    return _Operand(values, packed, clipped, pact_signed)
+
+
+def _pact_backward(d: Tensor, x_shape, clip_bits: Tensor, values: Tensor, signed: bool):
+    """STE: pass d inside the clip; dα sums d where clipped at the top (minus the bottom)."""
+    clipped = unpack_bits(clip_bits, x_shape)
+    top = clipped & (values > 0)
+    dalpha = d[top].sum()
+    if signed:
+        dalpha = dalpha - d[clipped & (values < 0)].sum()
+    return torch.where(clipped, torch.zeros_like(d), d), dalpha
+
+
+class QuantizedGemm(torch.autograd.Function):
+    """apply(a, b, alpha_a, alpha_b, state, ops, keep) -> y.
+
+    `state` is the layer's QuantState (spec, GradScale, PACT signedness, generator);
+    `keep` is False under no_grad / inference, when nothing is saved for backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, alpha_a, alpha_b, state, ops: GemmOps, keep: bool):
+        spec = state.spec
+        spec_b = spec.activation if ops.b_is_activation else spec.weight
+        gen = state.take_generator()
+
+        # quantization points of the forward GEMM
+        qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
+        qb = _quantize_forward_operand(spec_b, b, alpha_b, state.signed("b"), ops.b_fwd, gen, keep)
+        y = _gemm(ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate)
+
+        if keep:
+            # block formats block along the reduction axis, which differs per GEMM: B for
+            # the dA GEMM and A for the dB GEMM are quantized again along theirs
+            b_for_da, a_for_db = qb.packed, qa.packed
+            if spec_b.is_block and len(spec_b.fmt.block_shape) == 1:
+                b_for_da = quantize_operand(spec_b.fmt, b, None, 0, spec_b.rounding, gen, ops.b_da)[1]
+            signs = torch.zeros(0)
+            if spec.hadamard_dw:
+                signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
+                a_t = random_hadamard(a.float(), ops.a_db, signs)
+                a_for_db = quantize_operand(spec.activation.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
+            elif spec.activation.is_block:
+                a_fmt, a_rounding = spec.activation.fmt, spec.activation.rounding
+                a_for_db = quantize_operand(a_fmt, a, None, 0, a_rounding, gen, ops.a_db)[1]
+            ctx.packs = (b_for_da, a_for_db)
+            ctx.pact = (qa.clipped is not None, qa.signed, qb.clipped is not None, qb.signed)
+            clip_masks = [t for t in (qa.clipped, qb.clipped) if t is not None]
+            ctx.save_for_backward(signs, *b_for_da.tensors(), *a_for_db.tensors(), *clip_masks)
+            ctx.state, ctx.ops = state, ops
+            ctx.shapes_dtypes = (a.shape, b.shape, a.dtype, b.dtype)
+        state.return_generator(gen)
+        return y.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        state, ops, spec = ctx.state, ctx.ops, ctx.state.spec
+        saved = iter(ctx.saved_tensors)
+        signs = next(saved)
+        b_for_da, a_for_db = (p.restore(saved) for p in ctx.packs)
+        a_pact, a_signed, b_pact, b_signed = ctx.pact
+        a_clipped = next(saved) if a_pact else None
+        b_clipped = next(saved) if b_pact else None
+        a_shape, b_shape, a_dtype, b_dtype = ctx.shapes_dtypes
+        need_da = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
+        need_db = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        gen = state.take_generator()
+
+        # GradScale: the scale s for this gradient (and the layer's scale for the next one)
+        dy = dy.float()
+        s = state.gradscale(dy.abs().amax() if dy.numel() else torch.zeros(()))
+        g = dy * s
+        phase_dx, phase_dw = spec.phases()
+
+        da = db = None
+        if need_da:
+            # Q_G for the dX GEMM: phase_dx (two-phase rounding)
+            gx_fmt, gx_rounding = spec.grad_dx.fmt, spec.grad_dx.rounding
+            g_dx = quantize_operand(gx_fmt, g, None, phase_dx, gx_rounding, gen, ops.g_da, keep=False)[0]
+            b_q = b_for_da.unpack()
+            da = _gemm(ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape) / s
+        if need_db:
+            # Q_G for the dW GEMM: phase_dw; NVFP4 first turns it with the random Hadamard
+            g_w = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw else g
+            gw_fmt, gw_rounding = spec.grad_dw.fmt, spec.grad_dw.rounding
+            g_dw = quantize_operand(gw_fmt, g_w, None, phase_dw, gw_rounding, gen, ops.g_db, keep=False)[0]
+            a_q = a_for_db.unpack()
+            db = _gemm(
+                ops.grad_b, a_q, g_dw, ops.a_db, ops.g_db, ops.db_slice(g_dw), spec.accumulate, b_shape
+            )
+            db = db / s
+        state.return_generator(gen)
+
+        # PACT: straight-through inside the clip, and the gradient of the clip level alpha
+        dalpha_a = dalpha_b = None
+        if a_pact and da is not None:
+            da, dalpha_a = _pact_backward(da, a_shape, a_clipped, a_for_db.unpack(), a_signed)
+        if b_pact and db is not None:
+            db, dalpha_b = _pact_backward(db, b_shape, b_clipped, b_for_da.unpack(), b_signed)
+        da = None if da is None or not ctx.needs_input_grad[0] else da.to(a_dtype)
+        db = None if db is None or not ctx.needs_input_grad[1] else db.to(b_dtype)
+        return da, db, dalpha_a, dalpha_b, None, None, None
+
+
+def _gemm(op, x, y, x_axis, y_axis, per_index, accumulate, shape=None):
+    call = op if shape is None else (lambda u, v: op(u, v, shape))
+    if accumulate == "fp16":
+        return chunked_fp16(call, x, y, x_axis, y_axis, per_index)
+    return call(x, y)

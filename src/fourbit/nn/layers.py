@@ -1,0 +1,179 @@
+"""Drop-in quantized layers: QLinear, QConv1d, QConv2d, QMatmul.
+
+Each keeps the original module's parameters and state_dict keys and adds `quant.*`: its
+GradScale, PACT clip(s) and random-generator state. Under the fp32 LayerSpec a layer
+calls the plain torch op, so it is bit-identical to the module it replaced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fourbit.nn.gemm import GemmOps, QuantizedGemm, conv_ops, linear_ops, matmul_ops
+from fourbit.nn.spec import FP32_LAYER, LayerSpec
+from fourbit.scaling import PACT, GradScale
+
+
+class QuantState(nn.Module):
+    """A layer's quantization state: its LayerSpec, GradScale, PACT clips and RNG state."""
+
+    def __init__(self, spec: LayerSpec = FP32_LAYER, seed: int = 0, two_activations: bool = False):
+        super().__init__()
+        if not isinstance(spec, LayerSpec):
+            raise TypeError(f"spec must be a LayerSpec; got {type(spec).__name__}")
+        self.spec = spec
+        self.gradscale = GradScale(spec.gradscale, max_value=spec.gradscale_top, init=spec.gradscale_init)
+        act = spec.activation
+        pact = act.scaler == "pact"
+        self.pact_a = PACT(act.fmt.bits, act.pact_init) if pact else None
+        self.pact_b = PACT(act.fmt.bits, act.pact_init) if pact and two_activations else None
+        self.register_buffer("rng_state", torch.Generator().manual_seed(seed).get_state())
+
+    def take_generator(self) -> torch.Generator | None:
+        """A generator at this layer's RNG state (None when nothing is random)."""
+        if not self.spec.stochastic:
+            return None
+        gen = torch.Generator()
+        gen.set_state(self.rng_state)
+        return gen
+
+    def return_generator(self, gen: torch.Generator | None) -> None:
+        if gen is not None:
+            self.rng_state.copy_(gen.get_state())
+
+    def signed(self, operand: str) -> bool:
+        pact = self.pact_a if operand == "a" else self.pact_b
+        return pact is not None and bool(pact.signed)
+
+    def gemm(self, a: Tensor, b: Tensor, ops: GemmOps) -> Tensor:
+        """Run the quantized GEMM family `ops` on (a, b)."""
+        alphas = []
+        for pact, x in ((self.pact_a, a), (self.pact_b, b)):
+            if pact is not None:
+                pact.observe(x)
+            alphas.append(pact.clip_level() if pact is not None else None)
+        inputs = (a, b, *alphas)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+        return QuantizedGemm.apply(a, b, *alphas, self, ops, keep)
+
+    def extra_repr(self) -> str:
+        w, a, g = self.spec.describe()
+        return f"W={w}, A={a}, G={g}"
+
+
+def adopt(cls: type[nn.Module], module: nn.Module, spec: LayerSpec, seed: int, **state_kwargs) -> nn.Module:
+    """A `cls` instance sharing `module`'s parameters, buffers and settings, plus quant state."""
+    q = cls.__new__(cls)
+    q.__dict__ = {k: (v.copy() if isinstance(v, dict) else v) for k, v in module.__dict__.items()}
+    q.quant = QuantState(spec, seed, **state_kwargs)
+    return q
+
+
+class QLinear(nn.Linear):
+    """nn.Linear whose three GEMMs are quantized as `spec` says."""
+
+    def __init__(
+        self, in_features, out_features, bias=True, spec=FP32_LAYER, seed=0, device=None, dtype=None
+    ):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.quant = QuantState(spec, seed)
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, spec: LayerSpec, seed: int = 0) -> QLinear:
+        return adopt(cls, module, spec, seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quant.spec.is_fp32:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant.gemm(x.reshape(-1, x.shape[-1]), self.weight, linear_ops())
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class _QConvNd:
+    """Shared forward of QConv1d / QConv2d (mixed into the torch conv classes)."""
+
+    def _check(self):
+        if self.quant.spec.accumulate == "fp16" and self.groups != 1:
+            raise ValueError("accumulate='fp16' emulation supports groups=1 convolutions only")
+
+    def _explicit_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """Turn padding modes and 'same'/'valid' into an explicit pad, so the conv's three
+        GEMMs (which take integer padding) see exactly what nn.ConvNd would."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * self._dims
+        if self.padding == "valid":
+            return x, (0,) * self._dims
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size), strict=True):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads), (0,) * self._dims
+        return x, tuple(self.padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.quant.spec.is_fp32:
+            return self._conv_forward(x, self.weight, self.bias)
+        x, padding = self._explicit_padding(x)
+        ops = conv_ops(
+            self._dims, self.stride, padding, self.dilation, self.groups, math.prod(self.kernel_size)
+        )
+        y = self.quant.gemm(x, self.weight, ops)
+        if self.bias is None:
+            return y
+        return y + self.bias.to(y.dtype).reshape(1, -1, *([1] * self._dims))
+
+
+class QConv1d(_QConvNd, nn.Conv1d):
+    """nn.Conv1d whose three GEMMs are quantized as `spec` says."""
+
+    _dims = 1
+
+    def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
+        nn.Conv1d.__init__(self, *args, **kwargs)
+        self.quant = QuantState(spec, seed)
+        self._check()
+
+    @classmethod
+    def from_float(cls, module: nn.Conv1d, spec: LayerSpec, seed: int = 0) -> QConv1d:
+        q = adopt(cls, module, spec, seed)
+        q._check()
+        return q
+
+
+class QConv2d(_QConvNd, nn.Conv2d):
+    """nn.Conv2d (stride, padding, dilation, groups, depthwise) with quantized GEMMs."""
+
+    _dims = 2
+
+    def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self.quant = QuantState(spec, seed)
+        self._check()
+
+    @classmethod
+    def from_float(cls, module: nn.Conv2d, spec: LayerSpec, seed: int = 0) -> QConv2d:
+        q = adopt(cls, module, spec, seed)
+        q._check()
+        return q
+
+
+class QMatmul(nn.Module):
+    """`a @ b` where both operands are activations (attention scores, attention × values).
+
+    Models put a QMatmul where they multiply two activations; `convert` gives it a spec.
+    """
+
+    def __init__(self, spec: LayerSpec = FP32_LAYER, seed: int = 0):
+        super().__init__()
+        self.quant = QuantState(spec, seed, two_activations=True)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.quant.spec.is_fp32:
+            return torch.matmul(a, b)
+        return self.quant.gemm(a, b, matmul_ops())

@@ -1,0 +1,141 @@
+"""Quantizing one GEMM operand, and keeping it compactly for backward.
+
+`quantize_operand` returns the dequantized float32 values (what the emulated GEMM uses)
+and a `Packed` form (what autograd saves): 4-bit codes two per byte plus the scale, or the
+format's own codes, never a float32 copy — except for float32 operands, and for a tensor
+holding NaN (no integer code can hold NaN; the NaN must reach the loss).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fourbit.formats import BlockCodes, BlockFormat, Format
+from fourbit.nn.spec import OperandSpec
+from fourbit.scaling import max_scale, sawb_scale
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """4-bit codes (int8 or uint8, any shape) -> uint8, two per byte (flattened)."""
+    flat = codes.reshape(-1).to(torch.uint8) & 0x0F
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_nibbles(packed: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Inverse of pack_nibbles; int8 codes are sign-extended from 4 bits."""
+    both = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(-1)[: shape.numel()]
+    if dtype == torch.int8:
+        return ((both.to(torch.int8) ^ 8) - 8).reshape(shape)
+    return both.reshape(shape)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool tensor -> uint8, eight per byte (flattened)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (flat.reshape(-1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(-1) >> shifts) & 1).reshape(-1)[: shape.numel()].reshape(shape).bool()
+
+
+@dataclass
+class Packed:
+    """A quantized operand as saved for backward; `unpack()` gives the float32 values."""
+
+    fmt: Format | None
+    shape: torch.Size
+    codes: Tensor | BlockCodes | None = None
+    codes_dtype: torch.dtype | None = None
+    scale: Tensor | float = 1.0
+    values: Tensor | None = None  # float32 operands and NaN-holding tensors only
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors to hand to ctx.save_for_backward (so saved-tensor hooks see them)."""
+        out = []
+        for value in (self.codes, self.scale, self.values):
+            if isinstance(value, BlockCodes):
+                out += [value.codes, value.scale_codes, value.tensor_scale]
+            elif isinstance(value, Tensor):
+                out.append(value)
+        return out
+
+    def restore(self, saved: Iterator[Tensor]) -> Packed:
+        """This Packed with its tensors taken, in order, from `saved` (ctx.saved_tensors)."""
+        fields = {}
+        for name in ("codes", "scale", "values"):
+            value = getattr(self, name)
+            if isinstance(value, BlockCodes):
+                value = BlockCodes(next(saved), next(saved), next(saved), value.axis)
+            elif isinstance(value, Tensor):
+                value = next(saved)
+            fields[name] = value
+        return dataclasses.replace(self, **fields)
+
+    def unpack(self) -> Tensor:
+        if self.values is not None:
+            return self.values
+        fmt = self.fmt
+        if isinstance(fmt, BlockFormat):
+            return fmt.decode(self.codes).reshape(self.shape)
+        codes = self.codes
+        if self.codes_dtype is not None:
+            codes = unpack_nibbles(codes, self.shape, self.codes_dtype)
+        return fmt.decode(codes, self.scale)
+
+
+def operand_scale(spec: OperandSpec, x: Tensor) -> Tensor | float | None:
+    """The scale of a non-PACT operand (None: a block format's own tensor scale)."""
+    fmt = spec.fmt
+    if spec.scaler == "sawb":
+        return sawb_scale(x, fmt)
+    if spec.scaler == "max":
+        return max_scale(x, fmt)
+    if spec.scaler == "fixed":
+        return spec.scale
+    return None if isinstance(fmt, BlockFormat) else 1.0
+
+
+def quantize_operand(
+    fmt: Format | None,
+    x: Tensor,
+    scale: Tensor | float | None,
+    phase: int = 0,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    axis: int = -1,
+    keep: bool = True,
+) -> tuple[Tensor, Packed | None]:
+    """(float32 values of x on the grid of `fmt` (None: float32), its Packed form if `keep`).
+
+    scale None: a block format's own tensor scale, 1 for the others."""
+    x = x.float()
+    if fmt is None:
+        return x, (Packed(None, x.shape, values=x) if keep else None)
+    if isinstance(fmt, BlockFormat):
+        if len(fmt.block_shape) == 2 and x.ndim > 2:  # conv weights: tile [out, in·kernel]
+            values, packed = quantize_operand(
+                fmt, x.reshape(x.shape[0], -1), scale, phase, rounding, generator
+            )
+            return values.reshape(x.shape), (dataclasses.replace(packed, shape=x.shape) if keep else None)
+        enc = fmt.encode(x, scale, phase, rounding, generator, axis=axis)
+        return fmt.decode(enc), (Packed(fmt, x.shape, codes=enc) if keep else None)
+    scale = 1.0 if scale is None else scale
+    if not keep or bool(torch.isnan(x).any()):
+        values = fmt.quantize(x, scale, phase, rounding, generator)
+        return values, (Packed(fmt, x.shape, values=values) if keep else None)
+    codes = fmt.encode(x, scale, phase, rounding, generator)
+    values = fmt.decode(codes, scale, phase)
+    if fmt.bits <= 4:
+        return values, Packed(fmt, x.shape, pack_nibbles(codes), codes.dtype, scale)
+    return values, Packed(fmt, x.shape, codes, None, scale)

@@ -1,0 +1,173 @@
+"""What a quantized layer does to each of its operands: frozen, validated specs.
+
+A `LayerSpec` says, for one layer, how the weight, the activation and the output gradient
+(once for the dX GEMM, once for the dW GEMM) are quantized, and how the gradient is
+scaled. Recipes (`fourbit.recipes`) are named collections of LayerSpecs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fourbit import formats
+from fourbit.formats import BlockFormat, Format, IntFormat, LogFormat
+from fourbit.scaling import GRADSCALE_RULES
+
+SCALERS = ("none", "sawb", "pact", "max", "fixed")
+ACCUMULATE = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class OperandSpec:
+    """How one GEMM operand is quantized.
+
+    format:    a `fourbit.formats` name, or None for float32 (no quantization);
+    scaler:    `sawb` (weights), `pact` (activations, learnable clip), `max` (this tensor's
+               amax), `fixed` (`scale`), or `none` (scale 1: float formats, block formats
+               that carry their own scales, gradients scaled by GradScale);
+    rounding:  one of the format's roundings, None for its default;
+    underflow: LogFormat only: `nearest` or `stochastic` (LUQ);
+    scale:     the `fixed` scaler's scale;
+    pact_init: PACT's initial clip alpha (None: the first batch's max |x|).
+    """
+
+    format: str | None = None
+    scaler: str = "none"
+    rounding: str | None = None
+    underflow: str | None = None
+    scale: float = 1.0
+    pact_init: float | None = None
+
+    def __post_init__(self):
+        if self.scaler not in SCALERS:
+            raise ValueError(f"scaler must be one of {SCALERS}; got {self.scaler!r}")
+        if self.format is None:
+            if self.scaler != "none" or self.rounding or self.underflow:
+                raise ValueError("a float32 operand (format=None) takes no scaler, rounding or underflow")
+            return
+        fmt = formats.get(self.format)  # ValueError listing the names
+        if self.scaler in ("sawb", "pact") and not isinstance(fmt, IntFormat):
+            raise ValueError(f"scaler {self.scaler!r} needs an integer format; got {self.format!r}")
+        if self.rounding is not None and self.rounding not in fmt.roundings:
+            raise ValueError(
+                f"rounding must be one of {fmt.roundings} for {self.format}; got {self.rounding!r}"
+            )
+        if self.underflow is not None and not isinstance(fmt, LogFormat):
+            raise ValueError(f"underflow is a LogFormat option; {self.format!r} is not one")
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0; got {self.scale!r}")
+        if self.pact_init is not None and not self.pact_init > 0:
+            raise ValueError(f"pact_init must be > 0; got {self.pact_init!r}")
+
+    @property
+    def fmt(self) -> Format | None:
+        if self.format is None:
+            return None
+        fmt = formats.get(self.format)
+        return dataclasses.replace(fmt, underflow=self.underflow) if self.underflow else fmt
+
+    @property
+    def stochastic(self) -> bool:
+        return self.rounding == "stochastic" or self.underflow == "stochastic"
+
+    @property
+    def is_block(self) -> bool:
+        return isinstance(self.fmt, BlockFormat)
+
+    def describe(self) -> str:
+        if self.format is None:
+            return "fp32"
+        extra = [s for s in (self.scaler if self.scaler != "none" else "", self.rounding or "") if s]
+        return self.format + (f" ({', '.join(extra)})" if extra else "")
+
+
+FP32 = OperandSpec()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The three GEMMs of one layer (SPEC §4).
+
+    forward   Y  = Q_A(X) ⊛ Q_W(W)
+    dX GEMM   dX = Q_Gx(s·dY) ⊛ᵀ Q_W(W) / s
+    dW GEMM   dW = Q_A(X)ᵀ ⊛ Q_Gw(s·dY) / s
+    s is the layer's GradScale (`gradscale` rule, starting at `gradscale_init`, putting the
+    max |s·dY| near `gradscale_max`, by default the gradient format's top value). With
+    `tpr` (two-phase rounding) the gradient is quantized twice, on phase `dx_phase` for dX
+    and `dw_phase` for dW; without it, one quantization (phase 0) feeds both GEMMs. `accumulate="fp16"` emulates chunked
+    fp16 accumulation (chunks of 64 along the reduction axis). `hadamard_dw` applies a
+    random 16×16 Hadamard transform along the reduction axis of the dW GEMM (NVFP4).
+    """
+
+    weight: OperandSpec = FP32
+    activation: OperandSpec = FP32
+    grad_dx: OperandSpec = FP32
+    grad_dw: OperandSpec = FP32
+    tpr: bool = False
+    dx_phase: int = 1
+    dw_phase: int = 0
+    gradscale: str = "none"
+    gradscale_init: float = 1.0
+    gradscale_max: float | None = None
+    accumulate: str = "fp32"
+    hadamard_dw: bool = False
+
+    def __post_init__(self):
+        if self.gradscale not in GRADSCALE_RULES:
+            raise ValueError(f"gradscale must be one of {GRADSCALE_RULES}; got {self.gradscale!r}")
+        if self.accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}; got {self.accumulate!r}")
+        if self.weight.scaler == "pact":
+            raise ValueError("weights cannot use the PACT scaler (it clips activations); use sawb or max")
+        for role in ("grad_dx", "grad_dw"):
+            if getattr(self, role).scaler not in ("none",):
+                raise ValueError(f"{role} is scaled by GradScale; its scaler must be 'none'")
+        if self.tpr:
+            for role in ("grad_dx", "grad_dw"):
+                if not isinstance(getattr(self, role).fmt, LogFormat):
+                    raise ValueError(f"tpr (two-phase rounding) needs log-format gradients; {role} is not")
+            if {self.dx_phase, self.dw_phase} != {0, 1}:
+                raise ValueError("with tpr, dx_phase and dw_phase must be 0 and 1 in some order")
+        if self.gradscale != "none" and self.grad_dx.format is None:
+            raise ValueError("gradscale needs a quantized gradient format")
+        if self.hadamard_dw and self.activation.scaler == "pact":
+            raise ValueError("hadamard_dw turns the raw activation; it cannot follow a PACT clip")
+        if self.gradscale_max is not None and not self.gradscale_max > 0:
+            raise ValueError(f"gradscale_max must be > 0; got {self.gradscale_max!r}")
+        if not self.gradscale_init > 0:
+            raise ValueError(f"gradscale_init must be > 0; got {self.gradscale_init!r}")
+
+    @property
+    def gradscale_top(self) -> float:
+        """The value GradScale aims the largest scaled gradient at."""
+        if self.gradscale_max is not None:
+            return self.gradscale_max
+        fmt = self.grad_dx.fmt
+        return 1.0 if fmt is None else fmt.max_value()
+
+    @property
+    def is_fp32(self) -> bool:
+        return self == FP32_LAYER
+
+    @property
+    def stochastic(self) -> bool:
+        ops = (self.weight, self.activation, self.grad_dx, self.grad_dw)
+        return self.hadamard_dw or any(op.stochastic for op in ops)
+
+    def phases(self) -> tuple[int, int]:
+        """(phase for the dX gradient, phase for the dW gradient)."""
+        return (self.dx_phase, self.dw_phase) if self.tpr else (0, 0)
+
+    def describe(self) -> tuple[str, str, str]:
+        g = self.grad_dx.describe()
+        if self.grad_dw != self.grad_dx:
+            g += " / " + self.grad_dw.describe()
+        if self.tpr:
+            g += ", TPR"
+        if self.gradscale != "none":
+            g += f", GradScale {self.gradscale}"
+        return self.weight.describe(), self.activation.describe(), g
+
+
+FP32_LAYER = LayerSpec()

@@ -1,0 +1,268 @@
+"""Recipes: named, frozen, validated presets of SPEC §5 — which LayerSpec each layer role gets.
+
+    >>> from fourbit import recipes
+    >>> recipes.names()
+    ['fp32', 'fp16', 'hfp8', 'ibm4', ...]
+    >>> r = recipes.get("ibm4")
+    >>> r.spec_for("first")          # the first layer stays in fp16
+
+Roles: `default`, `first`, `last`, `pointwise_conv` (1×1), `depthwise`, `matmul`
+(attention), `lstm` (gate GEMMs). A role left at None uses `default`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fourbit.io import atomic_write
+from fourbit.nn.spec import FP32_LAYER, LayerSpec, OperandSpec
+
+ROLES = ("default", "first", "last", "pointwise_conv", "depthwise", "matmul", "lstm")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe: the LayerSpec for every layer role, plus name-glob overrides.
+
+    `overrides` maps a module-name glob to a recipe name, whose `default` spec that module
+    gets (e.g. `(("classifier.*", "fp16"),)`); convert's `policy` adds more.
+    """
+
+    name: str
+    default: LayerSpec = FP32_LAYER
+    first: LayerSpec | None = None
+    last: LayerSpec | None = None
+    pointwise_conv: LayerSpec | None = None
+    depthwise: LayerSpec | None = None
+    matmul: LayerSpec | None = None
+    lstm: LayerSpec | None = None
+    overrides: tuple[tuple[str, str], ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("a recipe needs a non-empty name")
+        for role in ROLES:
+            spec = getattr(self, role)
+            if not (isinstance(spec, LayerSpec) or (spec is None and role != "default")):
+                raise ValueError(f"recipe {self.name!r}: role {role!r} must be a LayerSpec; got {spec!r}")
+        object.__setattr__(self, "overrides", tuple((str(g), str(r)) for g, r in self.overrides))
+
+    def spec_for(self, role: str) -> LayerSpec:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
+        spec = getattr(self, role)
+        return self.default if spec is None else spec
+
+    # -- TOML ----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out: dict = {"name": self.name, "description": self.description}
+        for role in ROLES:
+            spec = getattr(self, role)
+            if spec is not None:
+                out[role] = _spec_to_dict(spec)
+        if self.overrides:
+            out["overrides"] = dict(self.overrides)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        data = dict(data)
+        unknown = set(data) - {"name", "description", "overrides", *ROLES}
+        if unknown:
+            raise ValueError(
+                f"unknown recipe keys {sorted(unknown)}; known: name, description, overrides, {ROLES}"
+            )
+        kwargs = {k: data[k] for k in ("name", "description") if k in data}
+        for role in ROLES:
+            if role in data:
+                kwargs[role] = _spec_from_dict(data[role], role)
+        kwargs["overrides"] = tuple(data.get("overrides", {}).items())
+        return cls(**kwargs)
+
+    def to_toml(self, path: str | Path | None = None) -> str:
+        """The recipe as TOML text; also written (atomically) to `path` when given."""
+        text = _toml(self.to_dict())
+        if path is not None:
+            atomic_write(path, lambda tmp: tmp.write_text(text))
+        return text
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> Recipe:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"cannot read recipe {path}: {e}") from None
+        return cls.from_dict(data)
+
+
+def _spec_to_dict(spec: LayerSpec) -> dict:
+    out = {}
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        if isinstance(value, OperandSpec):
+            value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+        out[f.name] = value
+    return out
+
+
+def _spec_from_dict(data: dict, where: str) -> LayerSpec:
+    data = dict(data)
+    operand_fields = {f.name for f in dataclasses.fields(OperandSpec)}
+    layer_fields = {f.name for f in dataclasses.fields(LayerSpec)}
+    unknown = set(data) - layer_fields
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(layer_fields)}")
+    for role in ("weight", "activation", "grad_dx", "grad_dw"):
+        if role in data:
+            bad = set(data[role]) - operand_fields
+            if bad:
+                raise ValueError(
+                    f"{where}.{role}: unknown keys {sorted(bad)}; known: {sorted(operand_fields)}"
+                )
+            data[role] = OperandSpec(**data[role])
+    return LayerSpec(**data)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml(data: dict, prefix: str = "") -> str:
+    """A minimal TOML writer for nested dicts of str/bool/int/float (what recipes hold)."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [(k, v) for k, v in data.items() if isinstance(v, dict)]
+    parts = ["\n".join(scalars)] if scalars else []
+    for key, table in tables:
+        name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+        body = _toml(table, name)
+        parts.append(f"[{name}]\n{body}" if any(not isinstance(v, dict) for v in table.values()) else body)
+    return "\n\n".join(p for p in parts if p) + ("\n" if not prefix else "")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+# -- the presets of SPEC §5 --------------------------------------------------------------------
+
+
+def _float_layer(fmt: str, grad: str | None = None, gradscale: str = "current") -> LayerSpec:
+    """W, A in `fmt` and gradients in `grad` (default `fmt`), all at scale 1. (choice) In
+    place of a global loss scale, the gradient gets a per-layer power-of-two scale that
+    puts its max near 2**8: far above the format's underflow, with headroom below its
+    max for the sums of the GEMMs."""
+    g = OperandSpec(grad or fmt)
+    return LayerSpec(OperandSpec(fmt), OperandSpec(fmt), g, g, gradscale=gradscale, gradscale_max=256.0)
+
+
+FP16_LAYER = _float_layer("fp16")
+BF16_LAYER = _float_layer("bf16", gradscale="none")  # bf16 has float32's range: no scaling
+HFP8_LAYER = _float_layer("hfp8_fwd", "hfp8_bwd")
+
+RADIX4 = OperandSpec("fp4_radix4")
+IBM4_LAYER = LayerSpec(
+    weight=OperandSpec("int4", "sawb"),
+    activation=OperandSpec("uint4", "pact"),  # PACT picks the signed symmetric grid for signed inputs
+    grad_dx=RADIX4,
+    grad_dw=RADIX4,
+    tpr=True,  # (choice) phase 1 feeds dX, phase 0 feeds dW
+    gradscale="adaptive",
+)
+# (choice) the one global loss scale of the no-GradScale baseline: 2**7 puts a
+# batch-mean cross-entropy's output gradient (about 1/batch) near the top of the grid
+NO_GRADSCALE_LOSS_SCALE = 128.0
+# all4's first layer sees input pixels p in [0, 1] as round(15 p) / 15: the 16 levels of
+# the article's round_half_even(15 p - 8), shifted by the integer 8
+PIXELS = OperandSpec("uint4", "fixed", scale=1 / 15)
+
+LUQ_GRAD = OperandSpec("fp4_radix2", rounding="stochastic", underflow="stochastic")
+MX = OperandSpec("mxfp4")
+NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
+
+_PRESETS = [
+    Recipe("fp32", description="float32 everywhere: the baseline"),
+    Recipe("fp16", FP16_LAYER, description="fp16 weights, activations and gradients"),
+    Recipe("hfp8", HFP8_LAYER, description="HFP8 (Sun et al. 2019): 1-4-3 forward, 1-5-2 backward"),
+    Recipe(
+        "ibm4",
+        IBM4_LAYER,
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="Sun et al. 2020: INT4 SAWB/PACT, radix-4 FP4 gradients, TPR, adaptive GradScale",
+    ),
+    Recipe(
+        "ibm4-notpr",
+        dataclasses.replace(IBM4_LAYER, tpr=False),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="ibm4 without two-phase rounding (one gradient quantization feeds both GEMMs)",
+    ),
+    Recipe(
+        "ibm4-radix2",
+        dataclasses.replace(IBM4_LAYER, grad_dx=OperandSpec("fp4_radix2"), grad_dw=OperandSpec("fp4_radix2")),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="ibm4 with radix-2 FP4 gradients",
+    ),
+    Recipe(
+        "ibm4-nogradscale",
+        dataclasses.replace(IBM4_LAYER, gradscale="none", gradscale_init=NO_GRADSCALE_LOSS_SCALE),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="ibm4 with one fixed global loss scale instead of per-layer GradScale",
+    ),
+    Recipe(
+        "all4",
+        IBM4_LAYER,
+        first=dataclasses.replace(IBM4_LAYER, activation=PIXELS),
+        description="every GEMM operand 4-bit, first and last layer and input pixels included",
+    ),
+    Recipe(
+        "luq4",
+        LayerSpec(
+            OperandSpec("int4", "sawb"), OperandSpec("int4", "sawb"), LUQ_GRAD, LUQ_GRAD, gradscale="current"
+        ),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="LUQ (Chmiel et al. 2023): INT4 SAWB, radix-2 FP4 gradients, "
+        "stochastic rounding and underflow",
+    ),
+    Recipe(
+        "mxfp4",
+        LayerSpec(MX, MX, MX, MX),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="OCP MXFP4 for every operand (blocks of 32 along each GEMM's reduction axis)",
+    ),
+    Recipe(
+        "nvfp4",
+        LayerSpec(OperandSpec("nvfp4_2d"), OperandSpec("nvfp4"), NV_GRAD, NV_GRAD, hadamard_dw=True),
+        first=BF16_LAYER,
+        last=BF16_LAYER,
+        description="NVIDIA 2025: NVFP4, 16x16 weight blocks, stochastic gradients, Hadamard on dW",
+    ),
+]
+_REGISTRY = {r.name: r for r in _PRESETS}
+
+
+def names() -> list[str]:
+    """Names accepted by `get`."""
+    return list(_REGISTRY)
+
+
+def get(name: str | Recipe) -> Recipe:
+    """The named preset (a Recipe passes through)."""
+    if isinstance(name, Recipe):
+        return name
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(_REGISTRY)}") from None
