@@ -95,9 +95,10 @@ class LayerSpec:
     s is the layer's GradScale (`gradscale` rule, starting at `gradscale_init`, putting the
     max |s·dY| near `gradscale_max`, by default the gradient format's top value). With
     `tpr` (two-phase rounding) the gradient is quantized twice, on phase `dx_phase` for dX
-    and `dw_phase` for dW; without it, one quantization (phase 0) feeds both GEMMs. `accumulate="fp16"` emulates chunked
-    fp16 accumulation (chunks of 64 along the reduction axis). `hadamard_dw` applies a
-    random 16×16 Hadamard transform along the reduction axis of the dW GEMM (NVFP4).
+    and `dw_phase` for dW; without it, one quantization (phase 0) feeds both GEMMs.
+    `accumulate="fp16"` emulates chunked fp16 accumulation (chunks of 64 along the
+    reduction axis). `hadamard_dw` applies a random 16×16 Hadamard transform along the
+    reduction axis of the dW GEMM (NVFP4).
     """
 
     weight: OperandSpec = FP32
