@@ -105,7 +105,8 @@ def _spec_to_dict(spec: LayerSpec) -> dict:
         value = getattr(spec, f.name)
         if isinstance(value, OperandSpec):
             value = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
-        out[f.name] = value
+        if value is not None:  # TOML has no null: a missing key means the default (None)
+            out[f.name] = value
     return out
 
 

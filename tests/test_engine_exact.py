@@ -1,0 +1,248 @@
+"""The three GEMMs of each Q-layer against GEMMs of operands quantized explicitly here."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fourbit import formats, recipes
+from fourbit.nn import LayerSpec, OperandSpec, QConv1d, QConv2d, QLinear, QMatmul
+from fourbit.nn.gemm import chunked_fp16, random_hadamard
+from fourbit.nn.quant import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
+from fourbit.scaling import sawb_scale
+
+INT4, UINT4, RADIX4 = formats.get("int4"), formats.get("uint4"), formats.get("fp4_radix4")
+IBM4 = recipes.get("ibm4").default
+NOTPR = recipes.get("ibm4-notpr").default
+SYM_INT4 = formats.IntFormat(4, signed=True, symmetric=True)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _expected_grads(dy, s, phases, qa, qw, dx_gemm, dw_gemm):
+    """dX and dW from the gradient scaled by s, quantized on each GEMM's phase, unscaled."""
+    g = dy * s
+    g_dx = RADIX4.quantize(g, phase=phases[0])
+    g_dw = RADIX4.quantize(g, phase=phases[1])
+    return dx_gemm(g_dx, qw) / s, dw_gemm(qa, g_dw) / s
+
+
+@pytest.mark.parametrize("spec, phases", [(IBM4, (1, 0)), (NOTPR, (0, 0))], ids=["tpr", "notpr"])
+def test_qlinear_three_gemms(spec, phases):
+    lin = nn.Linear(48, 24)
+    q = QLinear.from_float(lin, spec)
+    x = (torch.randn(16, 48, generator=_gen(1)) * 2).relu().requires_grad_()
+    y = q(x)
+    alpha = q.quant.pact_a.alpha.detach()
+    assert alpha.item() == x.max().item()  # PACT's clip starts at the first batch's max
+    qw = INT4.quantize(lin.weight.detach(), sawb_scale(lin.weight, INT4))
+    qa = UINT4.quantize(x.detach().clamp(0, alpha), alpha / 15)
+    assert torch.equal(y, F.linear(qa, qw) + lin.bias)
+
+    dy = torch.randn(16, 24, generator=_gen(2)) * 0.05
+    y.backward(dy)
+    dx, dw = _expected_grads(dy, 1.0, phases, qa, qw, lambda g, w: g @ w, lambda a, g: g.t() @ a)
+    clipped = x.detach() >= alpha
+    assert torch.equal(x.grad, torch.where(clipped, 0.0, dx))
+    assert torch.equal(lin.weight.grad, dw)
+    assert torch.equal(lin.bias.grad, dy.sum(0))
+    assert torch.equal(q.quant.pact_a.alpha.grad, dx[clipped].sum())
+
+
+def test_tpr_off_feeds_both_gemms_from_one_quantization():
+    # with TPR, dX and dW see different grids, so at least one gradient differs from no-TPR
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 32)
+    x = torch.rand(64, 32)
+    grads = {}
+    for name, spec in (("tpr", IBM4), ("notpr", NOTPR)):
+        q = QLinear.from_float(nn.Linear(32, 32), spec)
+        q.load_state_dict(lin.state_dict(), strict=False)
+        xx = x.clone().requires_grad_()
+        q(xx).backward(torch.randn(64, 32, generator=_gen(3)) * 0.1)
+        grads[name] = (xx.grad, q.weight.grad)
+    assert not torch.equal(grads["tpr"][0], grads["notpr"][0])
+    assert torch.equal(grads["tpr"][1], grads["notpr"][1])  # dW uses phase 0 in both
+
+
+def test_gradscale_in_a_layer_follows_the_adaptive_rule_over_steps():
+    lin = nn.Linear(16, 8)
+    q = QLinear.from_float(lin, IBM4)
+    x = torch.rand(4, 16)
+    dy = torch.full((4, 8), 0.1)
+    expected_used = [1.0, 2.0, 4.0, 8.0, 8.0]  # 0.1·s <= 0.5 doubles s until 0.8 in (0.5, 1]
+    for s in expected_used:
+        q.weight.grad = None
+        xx = x.clone().requires_grad_()
+        y = q(xx)
+        qw = INT4.quantize(lin.weight.detach(), sawb_scale(lin.weight, INT4))
+        y.backward(dy)
+        _, dw = _expected_grads(dy, s, (1, 0), q.quant.pact_a and UINT4.quantize(
+            x.clamp(0, q.quant.pact_a.alpha.item()), q.quant.pact_a.alpha.detach() / 15), qw,
+            lambda g, w: g @ w, lambda a, g: g.t() @ a)  # fmt: skip
+        assert torch.equal(q.weight.grad, dw)
+    assert q.quant.gradscale.scale.item() == 8.0
+    restored = QLinear.from_float(nn.Linear(16, 8), IBM4)
+    restored.load_state_dict(q.state_dict())
+    assert restored.quant.gradscale.scale.item() == 8.0
+
+
+@pytest.mark.parametrize("groups, stride, padding, dilation", [(1, 1, 1, 1), (2, 2, 0, 1), (6, 1, 2, 2)])
+def test_qconv2d_three_gemms(groups, stride, padding, dilation):
+    conv = nn.Conv2d(6, 6, 3, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    q = QConv2d.from_float(conv, IBM4)
+    x = torch.randn(3, 6, 9, 9, generator=_gen(4)).requires_grad_()  # signed: PACT goes symmetric
+    y = q(x)
+    assert q.quant.pact_a.signed.item() == 1
+    alpha = q.quant.pact_a.alpha.detach()
+    args = (stride, padding, dilation, groups)
+    qw = INT4.quantize(conv.weight.detach(), sawb_scale(conv.weight, INT4))
+    qa = SYM_INT4.quantize(x.detach().clamp(-alpha, alpha), alpha / 7)
+    # the bias is added after the GEMM, in float32
+    assert torch.equal(y, F.conv2d(qa, qw, None, *args) + conv.bias.reshape(1, -1, 1, 1))
+
+    dy = torch.randn(y.shape, generator=_gen(5)) * 0.01
+    y.backward(dy)
+    dx, dw = _expected_grads(
+        dy, 1.0, (1, 0), qa, qw,
+        lambda g, w: torch.nn.grad.conv2d_input(x.shape, w, g, *args),
+        lambda a, g: torch.nn.grad.conv2d_weight(a, conv.weight.shape, g, *args),
+    )  # fmt: skip
+    assert torch.equal(x.grad, torch.where(x.detach().abs() >= alpha, 0.0, dx))  # PACT's STE
+    assert torch.equal(conv.weight.grad, dw)
+
+
+def test_qconv1d_forward_matches_explicit_quantization():
+    conv = nn.Conv1d(4, 5, 3, padding="same")
+    q = QConv1d.from_float(conv, IBM4)
+    x = torch.rand(2, 4, 10)
+    y = q(x)
+    alpha = q.quant.pact_a.alpha.detach()
+    qw = INT4.quantize(conv.weight.detach(), sawb_scale(conv.weight, INT4))
+    qa = UINT4.quantize(x.clamp(0, alpha), alpha / 15)
+    assert torch.equal(y, F.conv1d(qa, qw, None, padding=1) + conv.bias.reshape(1, -1, 1))
+
+
+def test_qmatmul_quantizes_both_activations():
+    m = QMatmul(IBM4)
+    a = torch.randn(2, 5, 8, generator=_gen(6)).requires_grad_()
+    b = torch.rand(2, 8, 3, generator=_gen(7)).requires_grad_()
+    y = m(a, b)
+    alpha_a, alpha_b = m.quant.pact_a.alpha.detach(), m.quant.pact_b.alpha.detach()
+    qa = SYM_INT4.quantize(a.detach().clamp(-alpha_a, alpha_a), alpha_a / 7)
+    qb = UINT4.quantize(b.detach().clamp(0, alpha_b), alpha_b / 15)
+    assert torch.equal(y, qa @ qb)
+    dy = torch.randn(2, 5, 3, generator=_gen(8)) * 0.1
+    y.backward(dy)
+    da, db = _expected_grads(dy, 1.0, (1, 0), qa, qb, lambda g, b_: g @ b_.mT, lambda a_, g: a_.mT @ g)
+    assert torch.equal(a.grad, torch.where(a.detach().abs() >= alpha_a, 0.0, da))
+    assert torch.equal(b.grad, torch.where(b.detach() >= alpha_b, 0.0, db))
+
+
+def test_fp16_accumulation_is_chunked():
+    spec = dataclasses.replace(IBM4, accumulate="fp16")
+    lin = nn.Linear(200, 8, bias=False)
+    q = QLinear.from_float(lin, spec)
+    x = torch.rand(4, 200) * 50
+    y = q(x)
+    alpha = q.quant.pact_a.alpha.detach()
+    qw = INT4.quantize(lin.weight.detach(), sawb_scale(lin.weight, INT4))
+    qa = UINT4.quantize(x.clamp(0, alpha), alpha / 15)
+    total = torch.zeros(4, 8, dtype=torch.float16)
+    for start in range(0, 200, 64):
+        total = total + (qa[:, start : start + 64] @ qw[:, start : start + 64].t()).half()
+    assert torch.equal(y, total.float())
+    assert not torch.equal(y, F.linear(qa, qw))  # fp16 partial sums do lose bits here
+
+
+def test_chunked_fp16_of_exactly_representable_sums_is_exact():
+    a, b = torch.ones(3, 130), torch.ones(130, 2)
+    assert torch.equal(chunked_fp16(lambda u, v: u @ v, a, b, 1, 0, 1), a @ b)
+
+
+def test_random_hadamard_is_orthonormal_and_preserves_the_dw_gemm():
+    signs = torch.tensor([1.0, -1.0] * 8)
+    a, g = torch.randn(37, 6, generator=_gen(9)), torch.randn(37, 5, generator=_gen(10))
+    ta, tg = random_hadamard(a, 0, signs), random_hadamard(g, 0, signs)
+    assert ta.shape == (48, 6)  # padded to whole blocks of 16
+    torch.testing.assert_close(ta.t() @ tg, a.t() @ g, rtol=1e-5, atol=1e-5)
+    eye = random_hadamard(torch.eye(16), 0, signs)
+    torch.testing.assert_close(eye.t() @ eye, torch.eye(16))
+
+
+def test_nibble_and_bit_packing_round_trip():
+    signed = torch.arange(-8, 8, dtype=torch.int8).repeat(3)[:-1]  # odd length
+    unsigned = torch.arange(0, 16, dtype=torch.uint8).flip(0)
+    for codes in (signed, unsigned):
+        packed = pack_nibbles(codes)
+        assert packed.numel() == (codes.numel() + 1) // 2
+        assert torch.equal(unpack_nibbles(packed, codes.shape, codes.dtype), codes)
+    mask = torch.rand(3, 7, generator=_gen(11)) > 0.5
+    assert pack_bits(mask).numel() == 3
+    assert torch.equal(unpack_bits(pack_bits(mask), mask.shape), mask)
+
+
+def test_nan_activation_reaches_the_output():
+    q = QLinear.from_float(nn.Linear(4, 3), IBM4)
+    q(torch.rand(2, 4))  # fix PACT's clip on a clean batch
+    x = torch.rand(2, 4)
+    x[0, 1] = float("nan")
+    y = q(x.requires_grad_())
+    assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
+
+
+# -- recipes ------------------------------------------------------------------------------------
+
+
+def test_recipe_presets_are_the_spec_table():
+    assert recipes.names() == [
+        "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
+        "all4", "luq4", "mxfp4", "nvfp4",
+    ]  # fmt: skip
+    ibm4 = recipes.get("ibm4")
+    assert ibm4.default.tpr and ibm4.default.gradscale == "adaptive"
+    assert ibm4.spec_for("first").weight.format == "fp16" and ibm4.spec_for("last").grad_dx.format == "fp16"
+    assert ibm4.spec_for("depthwise") == ibm4.default
+    assert not recipes.get("ibm4-notpr").default.tpr
+    assert recipes.get("ibm4-radix2").default.grad_dx.format == "fp4_radix2"
+    assert recipes.get("ibm4-nogradscale").default.gradscale == "none"
+    assert recipes.get("all4").spec_for("first").activation.format == "uint4"
+    luq = recipes.get("luq4").default.grad_dx
+    assert (luq.format, luq.rounding, luq.underflow) == ("fp4_radix2", "stochastic", "stochastic")
+    nv = recipes.get("nvfp4")
+    assert nv.default.hadamard_dw and nv.default.grad_dw.rounding == "stochastic"
+    assert nv.default.weight.format == "nvfp4_2d" and nv.spec_for("first").weight.format == "bf16"
+
+
+@pytest.mark.parametrize("name", recipes.names())
+def test_recipe_toml_round_trip(name, tmp_path):
+    recipe = recipes.get(name)
+    path = tmp_path / f"{name}.toml"
+    recipe.to_toml(path)
+    assert recipes.Recipe.from_toml(path) == recipe
+
+
+def test_recipe_validation_names_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="known recipes: fp32, fp16"):
+        recipes.get("int3")
+    with pytest.raises(ValueError, match="tpr"):
+        LayerSpec(grad_dx=OperandSpec("int4"), grad_dw=OperandSpec("int4"), tpr=True)
+    with pytest.raises(ValueError, match="integer format"):
+        OperandSpec("fp16", "sawb")
+    with pytest.raises(ValueError, match="unknown format"):
+        OperandSpec("fp5")
+    with pytest.raises(ValueError, match="rounding"):
+        OperandSpec("int4", rounding="log")
+    with pytest.raises(ValueError, match="gradscale"):
+        LayerSpec(gradscale="sometimes")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\n[default]\nwieght = 1\n')
+    with pytest.raises(ValueError, match="unknown keys"):
+        recipes.Recipe.from_toml(bad)
+    bad.write_text("name = ")
+    with pytest.raises(ValueError, match="cannot read recipe"):
+        recipes.Recipe.from_toml(bad)
