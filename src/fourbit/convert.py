@@ -100,7 +100,7 @@ def convert(
     policy: dict[str, str | Recipe | LayerSpec] | None = None,
     example_input=None,
     seed: int = 0,
-    verbose: bool = False,
+    verbose: bool = True,
 ) -> nn.Module:
     """Quantize `model` in place as `recipe` says and return it.
 
@@ -108,7 +108,8 @@ def convert(
     no input, the first and last registered. `policy` maps module-name globs to a recipe
     name, Recipe or LayerSpec and wins over the roles (`{"classifier.*": "fp16"}`). Modules
     that cannot be converted are left whole and listed by `summary` with the reason.
-    Each layer's random generator is seeded from `seed` and its name.
+    Each layer's random generator is seeded from `seed` and its name. Prints the per-layer
+    table of `summary` unless `verbose=False`.
     """
     recipe = get_recipe(recipe)
     globs = list(recipe.overrides) + list((policy or {}).items())
