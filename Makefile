@@ -3,7 +3,7 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.fourbit-installed
-DATA_PKGS := dataset-fashion-mnist
+DATA_PKGS := dataset-fashion-mnist espeak-ng diatheke sword-text-web sword-text-sparv
 OUT       ?= out
 
 .PHONY: demo test data clean
