@@ -70,6 +70,103 @@ def cmd_pixels(args) -> int:
     return 0
 
 
+def _run_config(args, recipe: str):
+    from fourbit.train import RunConfig
+
+    return RunConfig(
+        task=args.task,
+        recipe=recipe,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        train_limit=args.train_limit,
+        test_limit=args.test_limit,
+        data_dir=str(args.data_dir) if args.data_dir else None,
+    )
+
+
+def cmd_train(args) -> int:
+    from fourbit.train import train
+
+    out = args.out or Path("runs") / f"{args.task}-{args.recipe}"
+    summary = train(_run_config(args, args.recipe), out, resume=args.resume, progress=not args.quiet)
+    print(f"{summary['task']} {summary['recipe']}: {summary['metric_name']} {summary['metric']:.3f} ({out})")
+    return 0
+
+
+def compare_table(summaries: list[dict]) -> str:
+    """Markdown: recipe, metric, Δ vs the first recipe, time per epoch relative to the first."""
+    base = summaries[0]
+    name = base["metric_name"]
+    lines = [
+        f"| recipe | {name} | Δ vs {base['recipe']} | time per epoch vs {base['recipe']} |",
+        "|---|---|---|---|",
+    ]
+    for s in summaries:
+        delta = s["metric"] - base["metric"]
+        ratio = s["epoch_time_s"] / base["epoch_time_s"]
+        lines.append(f"| {s['recipe']} | {s['metric']:.2f} | {delta:+.2f} | {ratio:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_compare(args) -> int:
+    import json
+
+    from fourbit.io import atomic_write
+    from fourbit.plots import plot_curves
+    from fourbit.train import train
+
+    names = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if not names:
+        raise ValueError("--recipes needs at least one recipe name, e.g. fp32,ibm4")
+    configs = [_run_config(args, r) for r in names]  # validates every name before training
+    out = args.out or Path("runs") / f"compare-{args.task}"
+    summaries, histories = [], {}
+    for cfg in configs:
+        summaries.append(train(cfg, out / cfg.recipe, resume=args.resume, progress=not args.quiet))
+        lines = (out / cfg.recipe / "metrics.jsonl").read_text().splitlines()
+        histories[cfg.recipe] = [json.loads(line) for line in lines]
+    table = compare_table(summaries)
+    header = (
+        f"# {args.task}: {', '.join(names)}\n\nSame seed ({args.seed}) and data order for every recipe; "
+        f"{summaries[0]['epochs']} epochs, train limit {summaries[0]['train_limit']}.\n\n"
+    )
+    atomic_write(out / "compare.md", lambda tmp: tmp.write_text(header + table))
+    plot = plot_curves(histories, summaries[0]["metric_name"], out / "compare.png")
+    print(table)
+    print(f"wrote {out / 'compare.md'} and {plot}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from fourbit import tasks
+
+    for name in tasks.names():
+        task = tasks.get(name)
+        status = task.data_status(args.data_dir)
+        print(f"{name:<24}{task.metric_name:<20}{'data installed' if status is None else status}")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from fourbit import tasks
+
+    p.add_argument("--task", required=True, choices=tasks.names())
+    p.add_argument("--epochs", type=int, help="default: the task's")
+    p.add_argument("--batch-size", type=int, help="default: the task's")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N of a fixed shuffle")
+    p.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N of a fixed shuffle")
+    p.add_argument(
+        "--data-dir", type=Path, help="a directory with the task's data (default: Debian packages)"
+    )
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="Train neural networks with 4-bit numbers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=3, help="how many images (rows)")
     p.add_argument("--data-dir", type=Path, default=None, help="directory with the IDX files")
     p.set_defaults(func=cmd_pixels)
+
+    p = sub.add_parser("train", help="train one task under one recipe")
+    p.add_argument("--recipe", required=True, help="a recipe name (fourbit.recipes.names())")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="train one task under several recipes, same seed and data order")
+    p.add_argument("--recipes", required=True, help="comma-separated recipe names, the first is the baseline")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("tasks", help="list the tasks and whether their data is installed")
+    p.add_argument("--data-dir", type=Path)
+    p.set_defaults(func=cmd_tasks)
     return parser
 
 

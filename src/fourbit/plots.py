@@ -68,3 +68,20 @@ def plot_pixels(images: torch.Tensor, titles: list[str], path: str | Path) -> Pa
                 ax.set_ylabel(titles[r], fontsize=9)
     fig.suptitle("Fashion-MNIST as a 4-bit computer sees it (pixel p -> round(15p - 8))")
     return save(fig, path)
+
+
+def plot_curves(histories: dict[str, list[dict]], metric: str, path: str | Path) -> Path:
+    """Test metric and training loss per epoch, one line per run (recipe)."""
+    fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in histories.items():
+        epochs = [h["epoch"] for h in history]
+        ax_m.plot(epochs, [h[metric] for h in history], marker="o", ms=3, label=label)
+        ax_l.plot(epochs, [h["train_loss"] for h in history], marker="o", ms=3, label=label)
+    ax_m.set_title(f"test {metric}")
+    ax_l.set_title("training loss")
+    ax_l.set_yscale("log")
+    for ax in (ax_m, ax_l):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return save(fig, path)

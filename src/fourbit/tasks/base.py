@@ -25,6 +25,7 @@ class Defaults:
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adam"
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # "cosine" or "constant"
+    warmup: float = 0.0  # fraction of all steps with a linear learning-rate warm-up
 
 
 class Task(ABC):
@@ -47,6 +48,10 @@ class Task(ABC):
     def collate(self, examples: list):
         """Batch a list of dataset items (default: torch's default_collate)."""
         return torch.utils.data.default_collate(examples)
+
+    def augment(self, batch, generator: torch.Generator):
+        """Training-time augmentation of a collated batch, drawing only from `generator`."""
+        return batch
 
     @abstractmethod
     def build_model(self) -> nn.Module:

@@ -1,0 +1,170 @@
+"""Vision data loaders, the vision tasks, the training loop and the train/compare/tasks CLI."""
+
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import fourbit
+from fourbit import tasks
+from fourbit.cli import main
+from fourbit.tasks.idx import DataError
+from fourbit.tasks.vision import load_cifar10, load_images
+from fourbit.train import RunConfig, load_checkpoint, train
+
+from .test_cli import _write_idx
+
+
+def _tiny_fashion(tmp_path, n_train=96, n_test=32, size=12):
+    """IDX files of small images where the class is drawn in: learnable in a few steps."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, size, size)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, c : c + 3, :] = 255
+        _write_idx(tmp_path / f"{stem}-images-idx3-ubyte.gz", images)
+        _write_idx(tmp_path / f"{stem}-labels-idx1-ubyte.gz", labels)
+    return tmp_path
+
+
+def _write_cifar(directory, n=4):
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        (directory / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar10_pickles_and_their_errors(tmp_path):
+    _write_cifar(tmp_path)
+    images, labels = load_images(tmp_path, "train")
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 1, 2, 3] * 5
+    (tmp_path / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a CIFAR-10 batch"):
+        load_cifar10(tmp_path, "test")
+    (tmp_path / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="no data_batch_3"):
+        load_cifar10(tmp_path, "train")
+
+
+@pytest.mark.parametrize("name", ["fashion-resnet20", "fashion-mobilenetv2"])
+@pytest.mark.parametrize("recipe", ["fp32", "ibm4"])
+def test_vision_task_one_step_and_evaluation(tmp_path, name, recipe):
+    task = tasks.get(name)
+    data = _tiny_fashion(tmp_path, size=8)
+    train_set = task.dataset("train", data, limit=8, seed=0)
+    assert len(train_set) == 8
+    batch = task.collate([train_set[i] for i in range(8)])
+    assert batch[0].shape == (8, 1, 8, 8) and batch[0].min() >= 0 and batch[0].max() <= 1
+    torch.manual_seed(0)
+    model = fourbit.convert(task.build_model(), recipe, example_input=task.model_inputs(batch), verbose=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss, n = task.loss(model, task.augment(batch, torch.Generator().manual_seed(0)))
+    loss.backward()
+    opt.step()
+    assert n == 8 and torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model, [batch])
+    assert 0 <= metrics["accuracy"] <= 100 and np.isfinite(metrics["test_loss"])
+
+
+def test_augment_is_a_function_of_the_generator():
+    task = tasks.get("fashion-resnet20")
+    images = torch.rand(8, 1, 12, 12)
+    a = task.augment((images, None), torch.Generator().manual_seed(3))[0]
+    b = task.augment((images, None), torch.Generator().manual_seed(3))[0]
+    c = task.augment((images, None), torch.Generator().manual_seed(4))[0]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    shifted = task.augment((images, None), torch.Generator())[0]
+    assert bool((shifted.sum((1, 2, 3)) <= images.sum((1, 2, 3))).all())  # shifts only drop pixels
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monkeypatch):
+    data = _tiny_fashion(tmp_path / "data")
+    cfg = RunConfig("fashion-resnet20", "ibm4", epochs=2, batch_size=32, seed=3, data_dir=str(data))
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    whole_state = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+
+    import fourbit.train as train_module
+
+    real_write = train_module.atomic_write
+
+    def write_then_die(path, write):
+        real_write(path, write)
+        if path.name == "checkpoint.pt":
+            raise _Killed  # the process dies right after its first checkpoint
+
+    monkeypatch.setattr(train_module, "atomic_write", write_then_die)
+    with pytest.raises(_Killed):
+        train(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(train_module, "atomic_write", real_write)
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
+
+    assert resumed["metric"] == whole["metric"]
+    cut_lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    whole_lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    strip = [
+        {k: v for k, v in json.loads(line).items() if "time" not in k and "per_s" not in k}
+        for line in cut_lines
+    ]
+    assert strip == [
+        {k: v for k, v in json.loads(line).items() if "time" not in k and "per_s" not in k}
+        for line in whole_lines
+    ]
+    resumed_state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
+    keys = {"task", "recipe", "seed", "epochs", "train_limit", "metric_name", "metric", "higher_is_better",
+            "wall_time_s", "samples_per_s", "peak_rss_mb"}  # fmt: skip
+    assert keys <= set(json.loads((tmp_path / "cut" / "summary.json").read_text()))
+    assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
+    data = _tiny_fashion(tmp_path / "data")
+    cfg = RunConfig("fashion-resnet20", "fp32", epochs=1, batch_size=48, data_dir=str(data))
+    train(cfg, tmp_path / "run", progress=False)
+    other = RunConfig("fashion-resnet20", "ibm4", epochs=1, batch_size=48, data_dir=str(data))
+    with pytest.raises(ValueError, match="different run.*recipe"):
+        train(other, tmp_path / "run", resume=True, progress=False)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable fourbit checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cli_compare_writes_table_and_plot(tmp_path, capsys):
+    data = _tiny_fashion(tmp_path / "data")
+    out = tmp_path / "cmp"
+    argv = ["compare", "--task", "fashion-resnet20", "--recipes", "fp32,ibm4", "--epochs", "1",
+            "--batch-size", "48", "--data-dir", str(data), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    table = (out / "compare.md").read_text()
+    assert "| fp32 |" in table and "| ibm4 |" in table and "+0.00" in table
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| ibm4 |" in capsys.readouterr().out
+
+
+def test_cli_train_and_tasks(tmp_path, capsys):
+    data = _tiny_fashion(tmp_path / "data")
+    out = str(tmp_path / "t")
+    argv = ["train", "--task", "fashion-mobilenetv2", "--recipe", "fp32", "--epochs", "1",
+            "--batch-size", "48", "--data-dir", str(data), "--out", out, "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert main(["tasks"]) == 0
+    assert "fashion-resnet20" in capsys.readouterr().out
+    assert (
+        main(["train", "--task", "fashion-resnet20", "--recipe", "int3", "--out", str(tmp_path / "x")]) == 2
+    )
+    assert "known recipes" in capsys.readouterr().err
