@@ -11,6 +11,10 @@ from torch import Tensor
 
 from fourbit.formats.base import Format, exp2i, floor_log2, random_uniform
 
+_SIGN_BIT = -(2**31)
+# mantissa field of the smallest float32 >= sqrt(2)·2**e: the geometric midpoint of a binade
+_SQRT2_MANTISSA = math.ceil((math.sqrt(2) - 1) * 2**23)
+
 
 def _float32_at_or_above(v: float) -> float:
     """The smallest float32 >= v, so `a >= it` equals `a >= v` for every float32 a."""
@@ -77,6 +81,36 @@ class LogFormat(Format):
         return self.radix.bit_length() - 1  # log2(radix)
 
     def _round(self, y: Tensor, phase: int, rounding: str, generator) -> Tensor:
+        if rounding == "stochastic" or self.underflow == "stochastic":
+            return self._round_reference(y, phase, rounding, generator)
+        return self._round_bits(y, phase, rounding)
+
+    def _round_bits(self, y: Tensor, phase: int, rounding: str) -> Tensor:
+        """Nearest / log rounding read off the float32 bit pattern (integer ops only).
+
+        With e = floor(log2|y|) and d = (e - p) mod j (radix 2**j), the grid point below |y|
+        is 2**(e - d). The linear midpoint to the next one, (1 + 2**j)/2 · 2**(e - d), lies in
+        the binade d = j - 1 at mantissa 1 + 2**-j; the geometric one at 2**(e - d + j/2)."""
+        j = self._shift
+        bottom = phase - j * (self.levels - 1)
+        bits = y.contiguous().view(torch.int32)
+        mag = bits & 0x7FFFFFFF
+        e = (mag >> 23) - 127  # -127 for zero and subnormals (all below the grid), 128 for inf/NaN
+        mant = mag & 0x7FFFFF
+        d = torch.remainder(e - phase, j)
+        if rounding == "log":
+            half = j // 2
+            up = d >= half if j % 2 == 0 else (d > half) | ((d == half) & (mant >= _SQRT2_MANTISSA))
+        else:
+            up = (d == j - 1) & (mant >= 1 << (23 - j))
+        out = (e - d + j * up.to(torch.int32)).clamp(max=phase)  # saturate at the top, inf included
+        below = torch.where(e == bottom - 1, bottom, -127).to(torch.int32)  # m if |y| >= m/2, else 0
+        out = torch.where(e < bottom, below, out)
+        q = (bits & _SIGN_BIT) | ((out + 127) << 23)
+        return torch.where(mag > 0x7F800000, bits, q).view(torch.float32)
+
+    def _round_reference(self, y: Tensor, phase: int, rounding: str, generator) -> Tensor:
+        """The plain definition: neighbours lo < hi on the grid, then the rounding rule."""
         a = y.abs()
         j, kmax = self._shift, self.levels - 1
         # k: index of the largest grid magnitude 2**(p - j·k) that is <= a (k = ceil((p - e)/j))
