@@ -1,10 +1,12 @@
-# The two commands: `make demo` (the main job) and `make test` (lint + tests).
+# The two commands: `make demo` (the main job: fp32 vs 4-bit training) and `make test`.
 # Both create .venv, install fourbit and the Debian data packages when missing.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.fourbit-installed
 DATA_PKGS := dataset-fashion-mnist espeak-ng diatheke sword-text-web sword-text-sparv
 OUT       ?= out
+# sized to finish in under 10 minutes on 2 CPU cores; --resume continues an interrupted demo
+DEMO_ARGS ?= --epochs 3 --train-limit 6000 --test-limit 2000 --resume
 
 .PHONY: demo test data clean
 
@@ -20,6 +22,7 @@ data:
 demo: $(STAMP) data
 	$(VENV)/bin/fourbit formats --plot $(OUT)/formats.png
 	$(VENV)/bin/fourbit pixels --out $(OUT)/pixels.png
+	$(VENV)/bin/fourbit compare --task fashion-resnet20 --recipes fp32,ibm4 $(DEMO_ARGS) --out $(OUT)/demo
 
 test: $(STAMP) data
 	$(VENV)/bin/ruff check src tests

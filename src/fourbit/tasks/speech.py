@@ -11,8 +11,8 @@ as one float16 `.pt` file per split (`$FOURBIT_CACHE` or `~/.cache/fourbit`, sub
 `speech-v1`), each written to a temporary file and renamed, so an interrupted run leaves
 no half cache.
 
-The task (`SpeechBiLSTM`): log-mels, normalized per utterance, stacked 3 frames at a time
-(30 ms steps) → Linear 120→128 → 4-layer bidirectional LSTM (128 per direction) → Linear
+The task (`SpeechBiLSTM`): log-mels, normalized per utterance, stacked 4 frames at a time
+(40 ms steps) → Linear 160→128 → 4-layer bidirectional LSTM (128 per direction) → Linear
 256→11 (10 digits + the CTC blank); CTC loss; greedy CTC decoding; metric: digit error
 rate (edit distance / reference length, %) and whole-string accuracy.
 """
@@ -342,13 +342,14 @@ def build_split(
     start = time.perf_counter()
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the parallelism is across utterances (each its own espeak-ng)
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for f in pool.map(lambda u: utterance_features(exe, u), utts):
-                feats.append(f)
-                if bar is not None:
-                    bar.update()
+        for f in pool.map(lambda u: utterance_features(exe, u), utts):
+            feats.append(f)
+            if bar is not None:
+                bar.update()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on an error, do not run the rest
         torch.set_num_threads(prev_threads)
         if bar is not None:
             bar.close()

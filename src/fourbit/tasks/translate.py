@@ -67,19 +67,22 @@ _MODULE_TAG = re.compile(r"^\(\w+\)$")
 _DROPPED_ELEMENTS = re.compile(r"<(note|title)\b[^>]*>.*?</\1\s*>", re.S)  # footnotes, headings
 _STRONGS = re.compile(r"\s*<[HG]\d+[a-z]?>")  # RV1909's Strong's numbers: "vida <H2416>,"
 _TAG = re.compile(r"<[^>]*>")
-_DROP_CAP = re.compile(r"^([A-ZÁÉÍÓÚÑÜ]{2,})(?=[\s,;:.!?]+[a-záéíóúñü])")
+# a chapter's first word in capitals ("Y ACONTECIÓ en", "¡OH Jehová"), within the first words
+_DROP_CAP = re.compile(r"^((?:\S+\s+){0,4}?[¡¿“‘(]*)([A-ZÁÉÍÓÚÑÜ]{2,})(?=[,;:.!?]*\s+\S*[a-záéíóúñü])")
 
 
 def clean_verse(text: str) -> str:
     """Verse text without markup, footnotes, Strong's numbers or extra whitespace.
 
-    RV1909 starts a chapter with a capitalized word ("EN el principio"): it becomes "En".
+    RV1909 starts a chapter with a word in capitals ("EN el principio", "Y ACONTECIÓ"): the
+    first all-capitals word among the first five that a lower-case word follows is
+    written as a capitalized word ("En", "Aconteció").
     """
     text = _DROPPED_ELEMENTS.sub(" ", text)
     text = _STRONGS.sub("", text)
     text = _TAG.sub(" ", text)
     text = " ".join(text.split())
-    return _DROP_CAP.sub(lambda m: m.group(1).capitalize(), text)
+    return _DROP_CAP.sub(lambda m: m.group(1) + m.group(2).capitalize(), text)
 
 
 def parse_plain(text: str, name: str = "input") -> dict[str, str]:
