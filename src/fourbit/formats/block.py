@@ -37,10 +37,11 @@ class BlockFormat(Format):
     - `scale_format="e8m0"` (MXFP4, blocks of 32): block scale
       X = 2**(floor(log2(amax_block)) - 2), clamped to 2**-127 ... 2**127; elements x / X.
     - `scale_format="e4m3"` (NVFP4, blocks of 16): tensor decode scale
-      d = amax_tensor / (6 · 448) (or the `scale` argument); block scale
+      d = amax_tensor / (6 · 448) (at least 2**-149; or the `scale` argument); block scale
       s = e4m3(amax_block(x / d) / 6); elements e2m1((x / d) / s); value e · s · d.
     A block whose scale is 0 is all zero. A block holding NaN or ±inf decodes to NaN in
-    every element (OCP MX §6.3: its scale is NaN); the tensor scale ignores them.
+    every element (OCP MX §6.3: its scale is NaN); the tensor scale ignores them. A finite
+    x / d beyond float32's range is clamped to float32's largest value (and saturates).
     """
 
     block_shape: tuple[int, ...] = (32,)
@@ -87,7 +88,7 @@ class BlockFormat(Format):
         if len(self.block_shape) == 1:
             (B,) = self.block_shape
             y = F.pad(y, (0, -y.shape[-1] % B))
-            return y.reshape(*y.shape[:-1], -1, B)
+            return y.reshape(*y.shape[:-1], y.shape[-1] // B, B)
         R, C = self.block_shape
         y = F.pad(y, (0, -y.shape[-1] % C, 0, -y.shape[-2] % R))
         r, c = y.shape[-2:]
@@ -96,7 +97,7 @@ class BlockFormat(Format):
 
     def _from_blocks(self, b: Tensor, shape: torch.Size) -> Tensor:
         if len(self.block_shape) == 1:
-            return b.reshape(*b.shape[:-2], -1)[..., : shape[-1]]
+            return b.reshape(*b.shape[:-2], b.shape[-2] * b.shape[-1])[..., : shape[-1]]
         R, C = self.block_shape
         nr, nc = b.shape[-3], b.shape[-2]
         b = b.reshape(*b.shape[:-3], nr, nc, R, C).transpose(-3, -2)
@@ -131,10 +132,12 @@ class BlockFormat(Format):
         check_scale(scale)
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
 
-        blocks = self._to_blocks(y / d)
-        finite = torch.isfinite(blocks)
+        finite = torch.isfinite(self._to_blocks(y))
         bad = ~finite.all(-1)
-        amax = torch.where(finite, blocks.abs(), 0.0).amax(-1)
+        # a finite x whose x / d overflows float32 saturates like any other large value
+        big = torch.finfo(torch.float32).max
+        blocks = torch.where(finite, self._to_blocks(y / d).clamp(-big, big), 0.0)
+        amax = blocks.abs().amax(-1)
 
         if self.scale_format == "e8m0":
             exp = (floor_log2(amax) - 2).clamp(-E8M0_BIAS, E8M0_BIAS)
@@ -147,7 +150,7 @@ class BlockFormat(Format):
             s = FP8_E4M3.decode(scale_codes)
 
         safe_s = torch.where(s > 0, s, 1.0).unsqueeze(-1)
-        el = self.element._round(torch.where(finite, blocks, 0.0) / safe_s, phase, rounding, generator)
+        el = self.element._round(blocks / safe_s, phase, rounding, generator)
         el = torch.where((s > 0).unsqueeze(-1), el, 0.0)
         codes = self._unarrange(self._from_blocks(self.element._to_codes(el, phase), y.shape), x, axis)
         return BlockCodes(codes, scale_codes, d.reshape(()), axis)
@@ -186,4 +189,7 @@ class BlockFormat(Format):
             return 1.0
         finite = torch.isfinite(y)
         amax = torch.where(finite, y.abs(), 0.0).amax()
-        return 1.0 if amax == 0 else amax / NVFP4_TENSOR_RANGE
+        if amax == 0:
+            return 1.0
+        # floored at float32's smallest subnormal, so a tensor of subnormals still has a scale
+        return (amax / NVFP4_TENSOR_RANGE).clamp(min=2.0**-149)
