@@ -1,6 +1,7 @@
 """The three GEMMs of each Q-layer against GEMMs of operands quantized explicitly here."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -21,6 +22,13 @@ SYM_INT4 = formats.IntFormat(4, signed=True, symmetric=True)
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
+
+
+def _first_scale(dy, top=1.0):
+    """GradScale's first scale: the largest power of two s with max|dY|·s <= top."""
+    amax = dy.abs().max().item()
+    s = 2.0 ** math.floor(math.log2(top / amax))
+    return s / 2 if amax * s > top else s
 
 
 def _expected_grads(dy, s, phases, qa, qw, dx_gemm, dw_gemm):
@@ -45,7 +53,7 @@ def test_qlinear_three_gemms(spec, phases):
 
     dy = torch.randn(16, 24, generator=_gen(2)) * 0.05
     y.backward(dy)
-    dx, dw = _expected_grads(dy, 1.0, phases, qa, qw, lambda g, w: g @ w, lambda a, g: g.t() @ a)
+    dx, dw = _expected_grads(dy, _first_scale(dy), phases, qa, qw, lambda g, w: g @ w, lambda a, g: g.t() @ a)
     clipped = x.detach() >= alpha
     assert torch.equal(x.grad, torch.where(clipped, 0.0, dx))
     assert torch.equal(lin.weight.grad, dw)
@@ -73,22 +81,23 @@ def test_gradscale_in_a_layer_follows_the_adaptive_rule_over_steps():
     lin = nn.Linear(16, 8)
     q = QLinear.from_float(lin, IBM4)
     x = torch.rand(4, 16)
-    dy = torch.full((4, 8), 0.1)
-    expected_used = [1.0, 2.0, 4.0, 8.0, 8.0]  # 0.1·s <= 0.5 doubles s until 0.8 in (0.5, 1]
-    for s in expected_used:
+    # (max |dY|, the scale that step must use): the first gradient sets s = 8 (0.8 in
+    # (1/2, 1]); 0.03·8 <= 1/2 doubles; 0.03·16 doubles; 0.03·32 keeps; 0.05·32 > 1 halves
+    steps = [(0.1, 8.0), (0.03, 8.0), (0.03, 16.0), (0.03, 32.0), (0.05, 32.0), (0.05, 16.0)]
+    for amplitude, s in steps:
         q.weight.grad = None
-        xx = x.clone().requires_grad_()
-        y = q(xx)
+        y = q(x.clone().requires_grad_())
+        alpha = q.quant.pact_a.alpha.detach()
         qw = INT4.quantize(lin.weight.detach(), sawb_scale(lin.weight, INT4))
+        qa = UINT4.quantize(x.clamp(0, alpha), alpha / 15)
+        dy = torch.full((4, 8), amplitude)
         y.backward(dy)
-        _, dw = _expected_grads(dy, s, (1, 0), q.quant.pact_a and UINT4.quantize(
-            x.clamp(0, q.quant.pact_a.alpha.item()), q.quant.pact_a.alpha.detach() / 15), qw,
-            lambda g, w: g @ w, lambda a, g: g.t() @ a)  # fmt: skip
+        _, dw = _expected_grads(dy, s, (1, 0), qa, qw, lambda g, w: g @ w, lambda a, g: g.t() @ a)
         assert torch.equal(q.weight.grad, dw)
-    assert q.quant.gradscale.scale.item() == 8.0
+    assert q.quant.gradscale.scale.item() == 16.0
     restored = QLinear.from_float(nn.Linear(16, 8), IBM4)
     restored.load_state_dict(q.state_dict())
-    assert restored.quant.gradscale.scale.item() == 8.0
+    assert restored.quant.gradscale.scale.item() == 16.0
 
 
 @pytest.mark.parametrize("groups, stride, padding, dilation", [(1, 1, 1, 1), (2, 2, 0, 1), (6, 1, 2, 2)])
@@ -108,7 +117,7 @@ def test_qconv2d_three_gemms(groups, stride, padding, dilation):
     dy = torch.randn(y.shape, generator=_gen(5)) * 0.01
     y.backward(dy)
     dx, dw = _expected_grads(
-        dy, 1.0, (1, 0), qa, qw,
+        dy, _first_scale(dy), (1, 0), qa, qw,
         lambda g, w: torch.nn.grad.conv2d_input(x.shape, w, g, *args),
         lambda a, g: torch.nn.grad.conv2d_weight(a, conv.weight.shape, g, *args),
     )  # fmt: skip
@@ -138,7 +147,9 @@ def test_qmatmul_quantizes_both_activations():
     assert torch.equal(y, qa @ qb)
     dy = torch.randn(2, 5, 3, generator=_gen(8)) * 0.1
     y.backward(dy)
-    da, db = _expected_grads(dy, 1.0, (1, 0), qa, qb, lambda g, b_: g @ b_.mT, lambda a_, g: a_.mT @ g)
+    da, db = _expected_grads(
+        dy, _first_scale(dy), (1, 0), qa, qb, lambda g, b_: g @ b_.mT, lambda a_, g: a_.mT @ g
+    )
     assert torch.equal(a.grad, torch.where(a.detach().abs() >= alpha_a, 0.0, da))
     assert torch.equal(b.grad, torch.where(b.detach() >= alpha_b, 0.0, db))
 

@@ -100,9 +100,9 @@ def test_gradscale_adaptive_follows_the_paper_rule():
     used = []
     for amax in [0.3, 0.3, 0.7, 0.7, 0.4, 0.0]:
         used.append(gs(torch.tensor(amax)).item())
-    # 0.3*1 <= 1/2: double; 0.3*2 in (1/2, 1]: keep; 0.7*2 > 1: halve; 0.7*1 keep;
-    # 0.4*1 <= 1/2: double; all-zero gradient: keep
-    assert used == [1.0, 2.0, 2.0, 1.0, 1.0, 2.0]
+    # the first gradient sets s = 2 (0.3*2 in (1/2, 1]); then 0.3*2: keep; 0.7*2 > 1: halve;
+    # 0.7*1: keep; 0.4*1 <= 1/2: double; all-zero gradient: keep
+    assert used == [2.0, 2.0, 2.0, 1.0, 1.0, 2.0]
     assert gs.scale.item() == 2.0
 
 

@@ -133,6 +133,8 @@ def convert(
             skipped.append(Skipped(name, type(module).__name__, "no quantized version of this module"))
             continue
         if not _is_gemm(module):
+            if isinstance(module, tuple(_SWAPS)):  # a subclass: its own forward would be lost
+                skipped.append(Skipped(name, type(module).__name__, "subclass of a torch layer; not swapped"))
             continue
         spec = recipe.spec_for(_role(name, module, first, last))
         for pattern, value in globs:

@@ -143,6 +143,8 @@ class GradScale(nn.Module):
     - `current`: s is the largest power of two with s · max|g| <= M, from this gradient;
     - `none`: s stays at `init` (one fixed global loss scale: the baseline).
     A gradient with NaN/inf halves the scale (back-off); an all-zero one leaves it.
+    (choice) Under `adaptive`, the first nonzero finite gradient sets the starting scale as
+    `current` would, so early gradients do not underflow while the scale doubles its way up.
     """
 
     def __init__(self, rule: str = "adaptive", max_value: float = 1.0, init: float = 1.0):
@@ -155,6 +157,7 @@ class GradScale(nn.Module):
             raise ValueError(f"init must be > 0; got {init!r}")
         self.rule, self.max_value = rule, float(max_value)
         self.register_buffer("scale", torch.tensor(float(init)))
+        self.register_buffer("started", torch.tensor(False))
 
     def forward(self, amax: Tensor) -> Tensor:
         """The scale for a gradient whose max |g| is `amax`; updates the state for the next one."""
@@ -163,16 +166,17 @@ class GradScale(nn.Module):
             return s
         amax = amax.detach().float().to(s.device)
         finite, zero = torch.isfinite(amax), amax == 0
+        s1 = exp2i(floor_log2(torch.tensor(M)) - floor_log2(amax))
+        covering = torch.where(zero, s, torch.where(amax * s1 <= M, s1, s1 / 2))  # the `current` scale
         if self.rule == "current":
-            s1 = exp2i(floor_log2(torch.tensor(M)) - floor_log2(amax))
-            new = torch.where(amax * s1 <= M, s1, s1 / 2)
-            new = torch.where(zero, s, new)
-            used = new
+            new = used = covering
         else:
             m = amax * s
-            new = torch.where(m > M, s / 2, torch.where(m <= M / 2, s * 2, s))
-            new = torch.where(zero, s, new)
-            used = s
+            new = torch.where(zero, s, torch.where(m > M, s / 2, torch.where(m <= M / 2, s * 2, s)))
+            first = ~self.started & finite & ~zero
+            used = torch.where(first, covering, s)
+            new = torch.where(first, covering, new)
+            self.started |= finite & ~zero
         new = torch.where(finite, new, s / 2).clamp(2.0**-126, 2.0**126)
         self.scale.copy_(new)
         return torch.where(finite, used, s)

@@ -59,8 +59,8 @@ class QLSTM(nn.LSTM):
         if self.spec.is_fp32:
             return super().forward(x, hx)
         batched = x.dim() == 3
-        if not batched:
-            x = x.unsqueeze(1)
+        if not batched:  # one sequence: make it a batch of one, on the batch axis
+            x = x.unsqueeze(0 if self.batch_first else 1)
             hx = None if hx is None else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
         if self.batch_first:
             x = x.transpose(0, 1)
@@ -86,7 +86,7 @@ class QLSTM(nn.LSTM):
         output = layer_input.transpose(0, 1) if self.batch_first else layer_input
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         if not batched:
-            output, h_n, c_n = output.squeeze(1), h_n.squeeze(1), c_n.squeeze(1)
+            output, h_n, c_n = output.squeeze(0 if self.batch_first else 1), h_n.squeeze(1), c_n.squeeze(1)
         return output, (h_n, c_n)
 
     def _run_direction(self, x: Tensor, name: str, h: Tensor, c: Tensor, reverse: bool):
