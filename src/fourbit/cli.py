@@ -149,6 +149,22 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from fourbit import bench
+    from fourbit.io import atomic_write
+
+    recipes_ = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = bench.run(task_names, recipes_, args.steps, args.numel)
+    print(bench.format_report(result))
+    if args.json:
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from fourbit import tasks
 
@@ -191,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipes", required=True, help="comma-separated recipe names, the first is the baseline")
     _add_run_options(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="step time, quantizer bandwidth and saved bytes vs fp32")
+    p.add_argument("--tasks", default="fashion-resnet20,speech-bilstm,translate-transformer")
+    p.add_argument("--recipes", default="ibm4,luq4,mxfp4,nvfp4", help="compared with fp32")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per recipe (after 2 warm-up)")
+    p.add_argument("--numel", type=int, default=16 * 2**20, help="elements of the quantizer tensor")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tasks", help="list the tasks and whether their data is installed")
     p.add_argument("--data-dir", type=Path)

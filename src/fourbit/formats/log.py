@@ -12,6 +12,7 @@ from torch import Tensor
 from fourbit.formats.base import Format, exp2i, floor_log2, random_uniform
 
 _SIGN_BIT = -(2**31)
+_TABLES: dict[tuple, Tensor] = {}  # rounding tables of _round_table, by format, phase and device
 # mantissa field of the smallest float32 >= sqrt(2)·2**e: the geometric midpoint of a binade
 _SQRT2_MANTISSA = math.ceil((math.sqrt(2) - 1) * 2**23)
 
@@ -83,7 +84,23 @@ class LogFormat(Format):
     def _round(self, y: Tensor, phase: int, rounding: str, generator) -> Tensor:
         if rounding == "stochastic" or self.underflow == "stochastic":
             return self._round_reference(y, phase, rounding, generator)
+        if rounding == "nearest" or self._shift % 2 == 0:
+            return self._round_table(y, phase, rounding)
         return self._round_bits(y, phase, rounding)
+
+    def _round_table(self, y: Tensor, phase: int, rounding: str) -> Tensor:
+        """Nearest rounding as one table look-up: its result depends only on the exponent
+        field and the top log2(radix) mantissa bits (so does `log` rounding for even powers
+        of two), so a 2**(8 + j)-entry table of `_round_bits` results is exact."""
+        j = self._shift
+        key = (self.radix, self.exponent_bits, phase, rounding, y.device)
+        table = _TABLES.get(key)
+        if table is None:
+            index = torch.arange(2 ** (8 + j), dtype=torch.int32, device=y.device)
+            table = _TABLES[key] = self._round_bits((index << (23 - j)).view(torch.float32), phase, rounding)
+        index = (y.contiguous().view(torch.int32) >> (23 - j)) & (2 ** (8 + j) - 1)
+        q = torch.copysign(table[index], y)
+        return torch.where(y != y, y, q)  # NaN stays NaN, whatever its payload
 
     def _round_bits(self, y: Tensor, phase: int, rounding: str) -> Tensor:
         """Nearest / log rounding read off the float32 bit pattern (integer ops only).

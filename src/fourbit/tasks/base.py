@@ -53,6 +53,11 @@ class Task(ABC):
         """Training-time augmentation of a collated batch, drawing only from `generator`."""
         return batch
 
+    def synthetic_batch(self, batch_size: int, length: int | None, generator: torch.Generator):
+        """A collated batch of random data in the task's real shapes (for `fourbit bench`);
+        `length`: frames or tokens per sequence, where the task has sequences."""
+        raise NotImplementedError(f"{self.name} has no synthetic batch")
+
     @abstractmethod
     def build_model(self) -> nn.Module:
         """A fresh float32 model (call under a seeded torch RNG for reproducible weights)."""

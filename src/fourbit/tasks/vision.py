@@ -99,6 +99,10 @@ class _VisionTask(Task):
         shifted[flip] = shifted[flip].flip(-1)
         return shifted, labels
 
+    def synthetic_batch(self, batch_size, length, generator):
+        images = torch.rand(batch_size, self.in_channels, 28, 28, generator=generator)
+        return images, torch.randint(0, 10, (batch_size,), generator=generator)
+
     def model_inputs(self, batch):
         return (batch[0],)
 
