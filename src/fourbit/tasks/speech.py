@@ -226,8 +226,8 @@ class Utterance:
         return f"{self.accent}+{self.variant}"
 
 
-def synthesize(exe: str, utt: Utterance) -> np.ndarray:
-    """espeak-ng's 22,050 Hz waveform of the utterance (float32)."""
+def synthesize(exe: str, utt: Utterance) -> tuple[np.ndarray, int]:
+    """espeak-ng's waveform of the utterance (float32) and its rate (22,050 Hz)."""
     cmd = [exe, "-v", utt.speaker, "-s", str(utt.speed), "-p", str(utt.pitch), "--stdout", utt.text]
     try:
         proc = subprocess.run(cmd, capture_output=True, timeout=60)
@@ -238,10 +238,10 @@ def synthesize(exe: str, utt: Utterance) -> np.ndarray:
         why = err.splitlines()[0] if err else f"exit status {proc.returncode}"
         raise DataError(f"{ESPEAK} -v {utt.speaker} failed: {why}")
     try:
-        wave, _ = parse_wav(proc.stdout)
+        wave, rate = parse_wav(proc.stdout)
     except (ValueError, struct.error) as e:
         raise DataError(f"{ESPEAK} -v {utt.speaker} wrote no usable WAV: {e}") from None
-    return wave
+    return wave, rate
 
 
 def _noise(n: int, pink: bool, rng: np.random.Generator) -> np.ndarray:
@@ -254,11 +254,9 @@ def _noise(n: int, pink: bool, rng: np.random.Generator) -> np.ndarray:
     return np.fft.irfft(spectrum / np.sqrt(f), n)
 
 
-def features(wave_22k: np.ndarray, rate: int, utt: Utterance) -> Tensor:
-    """Resampled, noised 16 kHz waveform → float16 log-mels [frames, 40]."""
-    wave = (
-        resample(torch.from_numpy(wave_22k.astype(np.float32)), rate, SAMPLE_RATE).numpy().astype(np.float64)
-    )
+def features(wave: np.ndarray, rate: int, utt: Utterance) -> Tensor:
+    """espeak-ng's waveform, resampled to 16 kHz, trimmed, padded, noised → float16 log-mels [frames, 40]."""
+    wave = resample(torch.from_numpy(wave.astype(np.float32)), rate, SAMPLE_RATE).numpy().astype(np.float64)
     rng = np.random.default_rng(utt.noise_seed)
     loud = np.nonzero(np.abs(wave) > TRIM_LEVEL * np.abs(wave).max(initial=0.0))[0]
     if loud.size:
@@ -273,7 +271,7 @@ def features(wave_22k: np.ndarray, rate: int, utt: Utterance) -> Tensor:
 
 
 def utterance_features(exe: str, utt: Utterance) -> Tensor:
-    return features(synthesize(exe, utt), 22_050, utt)
+    return features(*synthesize(exe, utt), utt)
 
 
 # -- the corpus -------------------------------------------------------------------------
@@ -515,7 +513,7 @@ class SpeechBiLSTM(Task):
     metric_name = "digit_error_rate"
     higher_is_better = False
     packages = (ESPEAK_PACKAGE,)
-    defaults = Defaults(epochs=20, batch_size=32, lr=2e-3, optimizer="adam", weight_decay=0.0)
+    defaults = Defaults(epochs=10, batch_size=32, lr=2e-3, optimizer="adam", weight_decay=0.0)
 
     def __init__(self, n_train: int = N_TRAIN, n_test: int = N_TEST, hidden: int = 128):
         self.n_train, self.n_test, self.hidden = n_train, n_test, hidden
@@ -533,8 +531,8 @@ class SpeechBiLSTM(Task):
         )
 
     def dataset(self, split: str, data_dir: Path | None, limit: int | None, seed: int) -> Dataset:
-        """The split, generated into the cache on first use. The `limit` subset is the same
-        for every `seed` (a fixed shuffle), so runs with different seeds see the same data."""
+        """The split, generated into `data_dir` (default: the cache) on first use; with a
+        `limit`, the first `limit` utterances of a `seed`-fixed shuffle, in corpus order."""
         if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
         path = self._dir(data_dir) / f"{split}.pt"
@@ -545,7 +543,7 @@ class SpeechBiLSTM(Task):
         n = len(blob["speakers"])
         indices = None
         if limit is not None:
-            indices = torch.randperm(n, generator=torch.Generator().manual_seed(CORPUS_SEED))[:limit]
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
         return SpeechDataset(blob, indices)
 
     def collate(self, examples: list) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -557,6 +555,15 @@ class SpeechBiLSTM(Task):
         x = nn.utils.rnn.pad_sequence(list(feats), batch_first=True)
         y = nn.utils.rnn.pad_sequence(list(labels), batch_first=True, padding_value=BLANK)
         return x, lengths, y, label_lengths
+
+    def synthetic_batch(self, batch_size: int, length: int | None, generator: torch.Generator):
+        """Random normalized log-mels of `length` frames (default 100) and 1–7 random digits."""
+        length = length or 100
+        x = torch.randn(batch_size, length, N_MELS, generator=generator)
+        label_lengths = torch.randint(MIN_DIGITS, MAX_DIGITS + 1, (batch_size,), generator=generator)
+        y = torch.randint(0, 10, (batch_size, int(label_lengths.max())), generator=generator)
+        y[torch.arange(y.shape[1]) >= label_lengths[:, None]] = BLANK
+        return x, torch.full((batch_size,), length, dtype=torch.int64), y, label_lengths
 
     def build_model(self) -> nn.Module:
         return BiLSTMCTC(hidden=self.hidden)

@@ -248,7 +248,10 @@ def _source_key(data_dir: Path | None) -> str:
         return "diatheke"
     h = hashlib.sha256()
     for path in _dump_paths(data_dir):
-        h.update(path.read_bytes() if path.is_file() else b"")
+        try:
+            h.update(path.read_bytes() if path.is_file() else b"")
+        except OSError as e:
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
     return "dir-" + h.hexdigest()[:16]
 
 
