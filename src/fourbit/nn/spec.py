@@ -78,6 +78,8 @@ class OperandSpec:
     def describe(self) -> str:
         if self.format is None:
             return "fp32"
+        if self.scaler == "pact":  # the grid (unsigned or signed) is fixed by the first input
+            return f"int{self.fmt.bits} (pact)"
         extra = [s for s in (self.scaler if self.scaler != "none" else "", self.rounding or "") if s]
         return self.format + (f" ({', '.join(extra)})" if extra else "")
 
