@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 from fourbit.io import atomic_write
 from fourbit.nn import QMatmul
 from fourbit.tasks.base import Defaults, Task
-from fourbit.tasks.bpe import BOS, BPE, EOS, PAD
+from fourbit.tasks.bpe import BOS, BPE, EOS, PAD, SPECIALS
 from fourbit.tasks.idx import DataError
 
 SOURCE_MODULE = "engWEB2015eb"
@@ -624,6 +624,16 @@ class TranslateTransformer(Task):
             self.dropout,
             max_len=max(512, 2 * self.max_tokens),
         )
+
+    def synthetic_batch(self, batch_size: int, length: int | None, generator: torch.Generator) -> dict:
+        """Random sentence pairs of `length` tokens each (counting </s> / <s>): the bench shape."""
+        n = (length or self.max_tokens) - 1
+        examples = [
+            tuple(torch.randint(len(SPECIALS), self.vocab_size, (n,), generator=generator) for _ in range(2))
+            + ("",)
+            for _ in range(batch_size)
+        ]
+        return collate_pairs(examples)
 
     def model_inputs(self, batch) -> tuple:
         return batch["src"], batch["tgt_in"]
