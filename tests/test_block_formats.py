@@ -29,16 +29,6 @@ VARIANTS = {n: formats.get(n) for n in BLOCK} | {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Large element-wise ops, one thread: on a busy 2-core machine torch's second OpenMP
-    thread spins waiting for a core and runs these tests ~10x slower; results are identical."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def t(values):
     return torch.tensor(values, dtype=torch.float32)
 

@@ -30,15 +30,6 @@ IBM4 = recipes.get("ibm4")
 INT4 = formats.get("int4")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread is fastest and keeps timings stable on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _convert(model, recipe, **kwargs):
     return fourbit.convert(model, recipe, verbose=False, **kwargs)
 

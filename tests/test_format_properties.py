@@ -25,16 +25,6 @@ SCALES = [1.0, 0.37, 2.0**-5, 3.0, 2.0**20]
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)  # the same cases on every run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Large element-wise ops, one thread: on a busy 2-core machine torch's second OpenMP
-    thread spins waiting for a core and runs these tests ~10x slower; results are identical."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 finite_or_inf = st.floats(width=32, allow_nan=False)
 with_nan = st.floats(width=32)
 

@@ -33,16 +33,6 @@ NO_NAN_CODE = [
 SCALES = [1.0, 0.37, 2.0**-5]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Large element-wise ops, one thread: on a busy 2-core machine torch's second OpenMP
-    thread spins waiting for a core and runs these tests ~10x slower; results are identical."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # formats outside the registry that exercise the remaining parameters
 EXTRA = {
     "symint4": IntFormat(4, symmetric=True),

@@ -239,15 +239,6 @@ def test_corrupt_or_truncated_cache_is_one_clear_error(tiny, tmp_path):
         task.dataset("test", wrong, None, 0)
 
 
-@pytest.fixture
-def one_thread():
-    """Small tensors: a second intra-op thread only adds waiting (a lot, on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("recipe", ["fp32", "ibm4"])
 def test_one_training_step_and_one_evaluation(tiny, recipe, one_thread):
     torch.manual_seed(0)

@@ -24,17 +24,6 @@ from fourbit.tasks.translate import (
     split_pairs,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and far faster on a busy machine
-    (with two, a step can wait seconds on a core another process holds)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # Hand-written dumps in the on-disk format of `diatheke -b MODULE -f plain -k RANGE`
 # (copied from its real output): poetry runs over several lines; from the first psalm
 # title on, WEB prints the title (repeated, even in later books) on the line before

@@ -100,6 +100,12 @@ class Format(ABC):
             raise ValueError(f"rounding must be one of {self.roundings} for {self.name}; got {rounding!r}")
         return rounding
 
+    def _prepare(self, x: Tensor, scale: ScaleLike, phase: int, rounding: str | None) -> tuple[Tensor, str]:
+        """Check the arguments; return float32 x / scale and the rounding rule to use."""
+        rounding = self._check(phase, rounding)
+        check_scale(scale)
+        return check_input(x) / scale, rounding
+
     def quantize(
         self,
         x: Tensor,
@@ -109,10 +115,8 @@ class Format(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Dequantized values of `x` on this grid times `scale`, in `x`'s dtype."""
-        rounding = self._check(phase, rounding)
-        check_scale(scale)
-        y = check_input(x)
-        return (self._round(y / scale, phase, rounding, generator) * scale).to(x.dtype)
+        y, rounding = self._prepare(x, scale, phase, rounding)
+        return (self._round(y, phase, rounding, generator) * scale).to(x.dtype)
 
     def encode(
         self,
@@ -123,15 +127,13 @@ class Format(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Integer codes of `x / scale` on this grid (uint8/int8, int16 for 16-bit formats)."""
-        rounding = self._check(phase, rounding)
-        check_scale(scale)
-        y = check_input(x)
+        y, rounding = self._prepare(x, scale, phase, rounding)
         if not self.has_nan_code and bool(torch.isnan(y).any()):
             raise ValueError(
                 f"{self.name} has no code for NaN; found NaN in x "
                 "(use quantize(), which keeps NaN, or remove the NaN first)"
             )
-        return self._to_codes(self._round(y / scale, phase, rounding, generator), phase)
+        return self._to_codes(self._round(y, phase, rounding, generator), phase)
 
     def decode(self, codes: Tensor, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
         """float32 values of `codes` times `scale`."""

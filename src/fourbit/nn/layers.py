@@ -95,7 +95,18 @@ class QLinear(nn.Linear):
 
 
 class _QConvNd:
-    """Shared forward of QConv1d / QConv2d (mixed into the torch conv classes)."""
+    """What QConv1d / QConv2d share (mixed in before the torch conv class)."""
+
+    def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)  # the torch conv class
+        self.quant = QuantState(spec, seed)
+        self._check()
+
+    @classmethod
+    def from_float(cls, module: nn.Module, spec: LayerSpec, seed: int = 0):
+        q = adopt(cls, module, spec, seed)
+        q._check()
+        return q
 
     def _check(self):
         if self.quant.spec.accumulate == "fp16" and self.groups != 1:
@@ -134,33 +145,11 @@ class QConv1d(_QConvNd, nn.Conv1d):
 
     _dims = 1
 
-    def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
-        nn.Conv1d.__init__(self, *args, **kwargs)
-        self.quant = QuantState(spec, seed)
-        self._check()
-
-    @classmethod
-    def from_float(cls, module: nn.Conv1d, spec: LayerSpec, seed: int = 0) -> QConv1d:
-        q = adopt(cls, module, spec, seed)
-        q._check()
-        return q
-
 
 class QConv2d(_QConvNd, nn.Conv2d):
     """nn.Conv2d (stride, padding, dilation, groups, depthwise) with quantized GEMMs."""
 
     _dims = 2
-
-    def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
-        nn.Conv2d.__init__(self, *args, **kwargs)
-        self.quant = QuantState(spec, seed)
-        self._check()
-
-    @classmethod
-    def from_float(cls, module: nn.Conv2d, spec: LayerSpec, seed: int = 0) -> QConv2d:
-        q = adopt(cls, module, spec, seed)
-        q._check()
-        return q
 
 
 class QMatmul(nn.Module):

@@ -113,7 +113,7 @@ def parse_plain(text: str, name: str = "input") -> dict[str, str]:
     - empty verses.
     Raises DataError when the text holds no verse at all.
     """
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if lines and _MODULE_TAG.match(lines[-1].strip()):
