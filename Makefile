@@ -6,7 +6,7 @@ STAMP     := $(VENV)/.fourbit-installed
 DATA_PKGS := dataset-fashion-mnist espeak-ng diatheke sword-text-web sword-text-sparv
 OUT       ?= out
 # sized to finish in under 10 minutes on 2 CPU cores; --resume continues an interrupted demo
-DEMO_ARGS ?= --epochs 4 --train-limit 12000 --test-limit 2000 --resume
+DEMO_ARGS ?= --epochs 4 --train-limit 8000 --test-limit 2000 --resume
 
 .PHONY: demo test data clean
 
