@@ -175,6 +175,8 @@ def summary(model: nn.Module, file=None) -> list[dict]:
             continue
         spec = module.spec if isinstance(module, QLSTM) else module.quant.spec
         w, a, g = spec.describe()
+        if isinstance(module, QMatmul):  # both operands are activations: no weight
+            w = a
         params = sum(p.numel() for n, p in module.named_parameters() if not n.startswith("quant."))
         rows.append({"name": name, "kind": type(module).__name__, "W": w, "A": a, "G": g, "params": params})
     for s in getattr(model, "_fourbit_skipped", []):

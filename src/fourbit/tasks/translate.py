@@ -546,9 +546,12 @@ class TranslateTransformer(Task):
     metric_name = "bleu"
     higher_is_better = True
     packages = PACKAGES
-    # (choice) Adam(W) at 1e-3 (better than 5e-4 after one epoch: test cross-entropy 3.82
-    # vs 4.27), 4% linear warm-up then cosine decay, no weight decay (dropout and label
-    # smoothing regularize). 4 epochs of 889 steps: ~1 s a step on one CPU core in fp32.
+    # (choice) Adam(W) at 1e-3 (better than 5e-4 in a one-epoch trial: test cross-entropy
+    # 3.82 vs 4.27), 4% linear warm-up then cosine decay, no weight decay (dropout and label
+    # smoothing regularize). 4 epochs of 889 steps; an fp32 step takes 0.53 s on an idle
+    # 2-core CPU (ibm4: 1.8 s), so ~33 min in all. Measured run (one thread on a busy
+    # machine, 54 min): test BLEU after epochs 1-4: 8.9, 17.0, 20.3, 21.1 (the first three
+    # on 320 sentences) — flattening out.
     defaults = Defaults(
         epochs=4, batch_size=32, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine", warmup=0.04
     )
