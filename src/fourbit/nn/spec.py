@@ -8,6 +8,7 @@ scaled. Recipes (`fourbit.recipes`) are named collections of LayerSpecs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from fourbit import formats
@@ -60,7 +61,7 @@ class OperandSpec:
         if self.pact_init is not None and not self.pact_init > 0:
             raise ValueError(f"pact_init must be > 0; got {self.pact_init!r}")
 
-    @property
+    @functools.cached_property  # read on every GEMM call: build the Format once
     def fmt(self) -> Format | None:
         if self.format is None:
             return None
