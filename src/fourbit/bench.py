@@ -103,8 +103,10 @@ def bench_saved(task_name: str, recipes: list[str]) -> list[dict]:
 
 
 def bench_quantizers(numel: int = 16 * 2**20, repeats: int = 5) -> list[dict]:
-    """GB/s of each format's quantize (read + write) next to torch.clone, interleaved."""
+    """GB/s of each format's quantize (read + write) next to torch.clone, interleaved; the
+    tensor is a matrix of 4096-wide rows (block formats block along rows, or in 16x16 tiles)."""
     x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 0.1
+    x = x.reshape(-1, 4096) if numel % 4096 == 0 else x
     gbytes = 2 * x.numel() * x.element_size() / 1e9
     rows = []
     for name in formats.names():

@@ -19,6 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from fourbit.formats import kernels
+
 ScaleLike = float | Tensor
 
 
@@ -115,8 +117,19 @@ class Format(ABC):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Dequantized values of `x` on this grid times `scale`, in `x`'s dtype."""
-        y, rounding = self._prepare(x, scale, phase, rounding)
-        return (self._round(y, phase, rounding, generator) * scale).to(x.dtype)
+        rounding = self._check(phase, rounding)
+        check_scale(scale)
+        x32 = check_input(x)
+        s = kernels.scalar(scale)
+        q = self._quantize_fast(x32, s, phase, rounding) if s is not None and kernels.applies(x32) else None
+        if q is None:
+            q = self._round(x32 / scale, phase, rounding, generator) * scale
+        return q.to(x.dtype)
+
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+        """quantize() of a CPU float32 `x` by a one-pass kernel (formats/kernels.c), bit-equal
+        to the definition; None where no kernel covers this case."""
+        return None
 
     def encode(
         self,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fourbit.formats import kernels
 from fourbit.formats.base import Format, ScaleLike, check_input, check_scale, exp2i, floor_log2
 from fourbit.formats.floating import FloatFormat
 
@@ -16,6 +17,16 @@ FP4_E2M1 = FloatFormat(2, 1, bias=1, specials="finite", name="fp4_e2m1")
 FP8_E4M3 = FloatFormat(4, 3, specials="fn", name="fp8_e4m3")
 E8M0_BIAS, E8M0_NAN = 127, 255
 NVFP4_TENSOR_RANGE = 6.0 * 448.0  # e2m1 max times e4m3 max
+
+
+def _float32(x: Tensor) -> Tensor:
+    """check_input(x), except that a finite float64 beyond float32's range becomes float32's
+    largest value (it saturates, as the class docstring says) rather than ±inf (a NaN block)."""
+    y = check_input(x)
+    if x.dtype == torch.float64:
+        big = torch.finfo(torch.float32).max
+        y = torch.where(torch.isfinite(x), x.clamp(-big, big), x).float()
+    return y
 
 
 class BlockCodes(NamedTuple):
@@ -124,12 +135,14 @@ class BlockFormat(Format):
         generator: torch.Generator | None = None,
         axis: int = -1,
     ) -> BlockCodes:
-        """Element codes, block-scale codes and the tensor scale of `x`."""
+        """Element codes, block-scale codes and the tensor scale of `x` (`scale`: one number)."""
         rounding = self._check(phase, rounding)
-        y = self._arrange(check_input(x), axis)
+        y = self._arrange(_float32(x), axis)
         if scale is None:
             scale = self._default_tensor_scale(y)
         check_scale(scale)
+        if isinstance(scale, Tensor) and scale.numel() != 1:
+            raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
 
         finite = torch.isfinite(self._to_blocks(y))
@@ -178,6 +191,16 @@ class BlockFormat(Format):
         axis: int = -1,
     ) -> Tensor:
         """Dequantized values of `x`, in its dtype (see the class docstring for the scales)."""
+        y = self._arrange(_float32(x), axis)
+        if self._check(phase, rounding) == "nearest" and y.numel() and kernels.applies(y):
+            scale = self._default_tensor_scale(y) if scale is None else scale
+            check_scale(scale)
+            d = kernels.scalar(scale)
+            if d is not None:
+                matrices = y if len(self.block_shape) == 2 else y.reshape(-1, 1, y.shape[-1])
+                tile = self.block_shape if len(self.block_shape) == 2 else (1, *self.block_shape)
+                v = kernels.block_quantize(matrices, tile, d, self.scale_format == "e4m3")
+                return self._unarrange(v.reshape(y.shape), x, axis).to(x.dtype)
         return self.decode(self.encode(x, scale, phase, rounding, generator, axis)).to(x.dtype)
 
     def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
@@ -187,8 +210,10 @@ class BlockFormat(Format):
     def _default_tensor_scale(self, y: Tensor) -> float | Tensor:
         if self.scale_format == "e8m0" or y.numel() == 0:
             return 1.0
-        finite = torch.isfinite(y)
-        amax = torch.where(finite, y.abs(), 0.0).amax()
+        if kernels.applies(y):
+            amax = kernels.finite_amax(y)
+        else:
+            amax = torch.where(torch.isfinite(y), y.abs(), 0.0).amax()
         if amax == 0:
             return 1.0
         # floored at float32's smallest subnormal, so a tensor of subnormals still has a scale

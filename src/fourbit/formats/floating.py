@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fourbit.formats import kernels
 from fourbit.formats.base import Format, ScaleLike, exp2i, floor_log2, random_uniform, round_half_even
 
 SPECIALS = ("ieee", "fn", "finite")
@@ -110,12 +111,21 @@ class FloatFormat(Format):
         if not self.subnormals:
             n = 2.0**self.emin
             q = torch.where(a < n, torch.where(a >= n / 2, n, 0.0), q)
-        if self.overflow == "saturate":
-            top = self._max
-        else:
-            top = float("inf") if self.specials == "ieee" else float("nan")
-        q = torch.where((q > self._max) | torch.isinf(a), torch.full_like(q, top), q)
+        q = torch.where((q > self._max) | torch.isinf(a), torch.full_like(q, self._overflow_value), q)
         return torch.where(torch.isnan(y), y, torch.copysign(q, y))
+
+    @property
+    def _overflow_value(self) -> float:
+        """What a magnitude above max_value becomes."""
+        if self.overflow == "saturate":
+            return self._max
+        return float("inf") if self.specials == "ieee" else float("nan")
+
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+        if rounding != "nearest" or not self.subnormals or self.emin < -126:
+            return None
+        M, top = self.mantissa_bits, self._overflow_value
+        return kernels.float_quantize(x, scale, M, self.emin, self._max, top)
 
     def _to_codes(self, q: Tensor, phase: int) -> Tensor:
         E, M = self.exponent_bits, self.mantissa_bits

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from fourbit.formats import kernels
 from fourbit.formats.base import Format, random_uniform, round_half_even
 
 
@@ -55,6 +56,11 @@ class IntFormat(Format):
         else:
             r = round_half_even(y)
         return torch.clamp(r, self.qmin, self.qmax)
+
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+        if rounding != "nearest":
+            return None
+        return kernels.int_quantize(x, scale, self.qmin, self.qmax)[0]
 
     def _to_codes(self, q: Tensor, phase: int) -> Tensor:
         return q.to(torch.int8 if self.signed else torch.uint8)

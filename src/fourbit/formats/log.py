@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fourbit.formats import kernels
 from fourbit.formats.base import Format, exp2i, floor_log2, random_uniform
 
 _SIGN_BIT = -(2**31)
@@ -82,25 +83,41 @@ class LogFormat(Format):
         return self.radix.bit_length() - 1  # log2(radix)
 
     def _round(self, y: Tensor, phase: int, rounding: str, generator) -> Tensor:
+        if self.table_lookup(rounding):
+            return self._round_table(y, phase, rounding)
         if rounding == "stochastic" or self.underflow == "stochastic":
             return self._round_reference(y, phase, rounding, generator)
-        if rounding == "nearest" or self._shift % 2 == 0:
-            return self._round_table(y, phase, rounding)
         return self._round_bits(y, phase, rounding)
+
+    def table_lookup(self, rounding: str) -> bool:
+        """Whether `rounding` is a table look-up (see _round_table)."""
+        even_log = rounding == "log" and self._shift % 2 == 0
+        return self.underflow == "nearest" and (rounding == "nearest" or even_log)
+
+    def table(self, phase: int, rounding: str, device) -> tuple[Tensor, int, int]:
+        """(table, shift, mask): the rounded magnitude of y is table[(bits(y) >> shift) & mask]."""
+        j = self._shift
+        key = (self.radix, self.exponent_bits, phase, rounding, device)
+        table = _TABLES.get(key)
+        if table is None:
+            index = torch.arange(2 ** (8 + j), dtype=torch.int32, device=device)
+            table = _TABLES[key] = self._round_bits((index << (23 - j)).view(torch.float32), phase, rounding)
+        return table, 23 - j, 2 ** (8 + j) - 1
 
     def _round_table(self, y: Tensor, phase: int, rounding: str) -> Tensor:
         """Nearest rounding as one table look-up: its result depends only on the exponent
         field and the top log2(radix) mantissa bits (so does `log` rounding for even powers
         of two), so a 2**(8 + j)-entry table of `_round_bits` results is exact."""
-        j = self._shift
-        key = (self.radix, self.exponent_bits, phase, rounding, y.device)
-        table = _TABLES.get(key)
-        if table is None:
-            index = torch.arange(2 ** (8 + j), dtype=torch.int32, device=y.device)
-            table = _TABLES[key] = self._round_bits((index << (23 - j)).view(torch.float32), phase, rounding)
-        index = (y.contiguous().view(torch.int32) >> (23 - j)) & (2 ** (8 + j) - 1)
+        table, shift, mask = self.table(phase, rounding, y.device)
+        index = (y.contiguous().view(torch.int32) >> shift) & mask
         q = torch.copysign(table[index], y)
         return torch.where(y != y, y, q)  # NaN stays NaN, whatever its payload
+
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+        if not self.table_lookup(rounding):
+            return None
+        table, shift, mask = self.table(phase, rounding, x.device)
+        return kernels.table_quantize(x, [table], shift, mask, scale)[0]
 
     def _round_bits(self, y: Tensor, phase: int, rounding: str) -> Tensor:
         """Nearest / log rounding read off the float32 bit pattern (integer ops only).

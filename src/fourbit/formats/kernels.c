@@ -1,0 +1,210 @@
+/* One-pass CPU kernels for the hot quantizers; fourbit/formats/kernels.py loads them.
+ *
+ * Each kernel is the pure-PyTorch definition in formats/*.py, op for op in float32 (the
+ * same IEEE divisions, multiplications and round-half-even), fused into one pass over
+ * memory; tests/test_fast_paths.py asserts bit equality. Built with -ffp-contract=off and
+ * without -ffast-math, so the compiler may neither fuse a multiply-add nor reorder.
+ * Arrays are contiguous float32 / uint8. Parallel loops split fixed-size work items, so
+ * every result (reductions included) is independent of the thread count.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PARALLEL_MIN 65536 /* below this many elements a thread team costs more than it saves */
+
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float float_of(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 2**e as a float32, exact for -149 <= e <= 127 */
+static inline float pow2f(int e) {
+    return e >= -126 ? float_of((uint32_t)(e + 127) << 23) : float_of(1u << (e + 149));
+}
+
+/* ---- IntFormat: clamp(round_half_even(clip(x) / scale), qmin, qmax) ------------------------
+ * clip(x) = min(max(x, lo), hi) (PACT; lo = -inf, hi = inf for none); NaN stays NaN.
+ * values[i] = q * scale. nibbles (optional): 4-bit two's-complement codes, two per byte, the
+ * even element in the low nibble. clip (optional): bit i%8 of byte i/8 set when x was clipped,
+ * i.e. x >= hi, or x <= lo (clip_signed) / x < lo (unsigned). Returns the number of NaNs. */
+int64_t fb_int_quantize(const float *x, int64_t n, float scale, float lo, float hi, float qmin,
+                        float qmax, float *values, uint8_t *nibbles, uint8_t *clip, int clip_signed,
+                        int nthreads) {
+    int64_t groups = (n + 7) / 8, nans = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : nans) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t start = g * 8, end = start + 8 < n ? start + 8 : n;
+        uint8_t clipbyte = 0, codes[8] = {0};
+        for (int64_t i = start; i < end; i++) {
+            float v = x[i];
+            float y = v < lo ? lo : v;
+            y = y > hi ? hi : y;
+            float q = rintf(y / scale);
+            q = q < qmin ? qmin : q;
+            q = q > qmax ? qmax : q;
+            values[i] = q * scale;
+            if (q != q)
+                nans++;
+            else
+                codes[i - start] = (uint8_t)((int)q & 0x0F);
+            int clipped = v >= hi || (clip_signed ? v <= lo : v < lo);
+            clipbyte |= (uint8_t)(clipped << (i - start));
+        }
+        if (nibbles)
+            for (int64_t i = start; i < end; i += 2) nibbles[i / 2] = codes[i - start] | (codes[i - start + 1] << 4);
+        if (clip) clip[g] = clipbyte;
+    }
+    return nans;
+}
+
+/* Inverse of the nibble packing: out[i] = code_i * scale (codes sign-extended when signed). */
+void fb_int_decode(const uint8_t *nibbles, int64_t n, float scale, int is_signed, float *out,
+                   int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
+        if (is_signed) code = (code ^ 8) - 8;
+        out[i] = (float)code * scale;
+    }
+}
+
+/* ---- PACT backward: straight-through inside the clip, the clip level's gradient outside ----
+ * d is zeroed where the clip bit is set; top/bottom receive the sums of d over clipped
+ * elements whose code is > 0 / < 0. Sums run in double over fixed chunks, added in order. */
+#define SUM_CHUNK 4096
+void fb_pact_backward(float *d, int64_t n, const uint8_t *clip, const uint8_t *nibbles, int is_signed,
+                      double *partial, double *top, double *bottom, int nthreads) {
+    int64_t chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t end = (c + 1) * SUM_CHUNK < n ? (c + 1) * SUM_CHUNK : n;
+        double t = 0, b = 0;
+        for (int64_t i = c * SUM_CHUNK; i < end; i++) {
+            if (!((clip[i / 8] >> (i % 8)) & 1)) continue;
+            int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
+            if (is_signed) code = (code ^ 8) - 8;
+            if (code > 0) t += d[i];
+            if (code < 0) b += d[i];
+            d[i] = 0.0f;
+        }
+        partial[2 * c] = t;
+        partial[2 * c + 1] = b;
+    }
+    double t = 0, b = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        t += partial[2 * c];
+        b += partial[2 * c + 1];
+    }
+    *top = t;
+    *bottom = b;
+}
+
+/* ---- LogFormat (and any grid whose rounding depends on the exponent and top j mantissa
+ * bits): y = (x * premul) / scale, q = copysign(table[(bits(y) >> shift) & mask], y),
+ * out = q * scale. NaN stays NaN through the table: arithmetic returns quiet NaNs, whose top
+ * mantissa bit is set, and the table holds NaN at every such index. Two tables give both
+ * phases of two-phase rounding in one pass (table1 / out1 NULL for one). */
+void fb_table_quantize(const float *x, int64_t n, float premul, float scale, const float *table0,
+                       const float *table1, int shift, uint32_t mask, float *out0, float *out1,
+                       int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float y = (x[i] * premul) / scale;
+        uint32_t u = bits_of(y), index = (u >> shift) & mask, sign = u & 0x80000000u;
+        out0[i] = float_of(bits_of(table0[index]) | sign) * scale;
+        if (table1) out1[i] = float_of(bits_of(table1[index]) | sign) * scale;
+    }
+}
+
+/* ---- FloatFormat, nearest-even, subnormals kept, saturating -------------------------------
+ * For emin >= -126: quantum = 2**(max(floor_log2|y|, emin) - M), q = rint(|y| / quantum) ·
+ * quantum; q > maxv (|y| = inf included) gives `top` (maxv, or inf/NaN for IEEE-like
+ * overflow). Written with selects, not branches, so the compiler vectorizes it. */
+static inline float float_round(float y, int M, int emin, float maxv, float top) {
+    float a = fabsf(y);
+    int e = (int)(bits_of(a) >> 23) - 127; /* -127 for zero and float32 subnormals */
+    e = e < emin ? emin : (e > 127 ? 127 : e);
+    int k = e - M; /* the quantum's exponent, >= -149 */
+    float quantum = float_of(k >= -126 ? (uint32_t)(k + 127) << 23 : 1u << ((k + 149) & 31));
+    float q = rintf(a / quantum) * quantum;
+    q = copysignf(q > maxv ? top : q, y);
+    return a != a ? y : q;
+}
+
+void fb_float_quantize(const float *x, int64_t n, float scale, int M, int emin, float maxv, float top,
+                       float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = float_round(x[i] / scale, M, emin, maxv, top) * scale;
+}
+
+/* ---- BlockFormat: fp4 e2m1 elements, one scale per tile of R x C elements ------------------
+ * x is `count` row-major matrices of `mrows` x `cols`; tiles start at multiples of R and C
+ * within each matrix (1-D blocks along rows: R = 1), edge tiles are smaller (the reference's
+ * zero padding changes nothing). Per tile: any NaN/inf -> every element NaN;
+ * v = clamp(y / d, ±FLT_MAX); amax = max |v|; scale s = 2**clamp(floor_log2(amax) - 2,
+ * -127, 127) (e8m0; amax 0 -> 2**-127) or s = e4m3(amax / 6) (e4m3); elements e2m1(v / s)
+ * (0 when s = 0); out = (e · s) · d. Maxima of |v| run on the bit patterns (for
+ * non-negative floats, integer order is float order), which vectorizes. */
+void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t cols, int R, int C, float d,
+                       int e4m3, float *out, int nthreads) {
+    const float big = 3.4028234663852886e38f;
+    int64_t trows = (mrows + R - 1) / R, tcols = (cols + C - 1) / C, tiles = count * trows * tcols;
+#pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t m = t / (trows * tcols), tr = t / tcols % trows, c0 = t % tcols * C;
+        int64_t r0 = m * mrows + tr * R, r1 = r0 + R < (m + 1) * mrows ? r0 + R : (m + 1) * mrows;
+        int64_t c1 = c0 + C < cols ? c0 + C : cols;
+        uint32_t ymax = 0, vmax = 0;
+        for (int64_t r = r0; r < r1; r++) {
+            const float *y = x + r * cols;
+            float *o = out + r * cols;
+            for (int64_t c = c0; c < c1; c++) {
+                uint32_t u = bits_of(y[c]) & 0x7FFFFFFFu;
+                float v = y[c] / d;
+                v = v > big ? big : (v < -big ? -big : v);
+                o[c] = v;
+                uint32_t w = bits_of(v) & 0x7FFFFFFFu;
+                ymax = u > ymax ? u : ymax;
+                vmax = w > vmax ? w : vmax;
+            }
+        }
+        float amax = float_of(vmax), s;
+        if (ymax >= 0x7F800000u) { /* a NaN or inf */
+            s = NAN;
+        } else if (e4m3) {
+            s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f);
+        } else {
+            int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
+            s = pow2f(e < -127 ? -127 : (e > 127 ? 127 : e));
+        }
+        for (int64_t r = r0; r < r1; r++) {
+            float *o = out + r * cols;
+            if (s != s) {
+                for (int64_t c = c0; c < c1; c++) o[c] = NAN;
+            } else {
+                for (int64_t c = c0; c < c1; c++)
+                    o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f) * s) * d : 0.0f;
+            }
+        }
+    }
+}
+
+/* max |x| over the finite elements (0 when none): NVFP4's tensor scale. */
+float fb_finite_amax(const float *x, int64_t n, int nthreads) {
+    uint32_t amax = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(max : amax) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = bits_of(x[i]) & 0x7FFFFFFFu;
+        u = u < 0x7F800000u ? u : 0;
+        amax = u > amax ? u : amax;
+    }
+    return float_of(amax);
+}

@@ -1,0 +1,219 @@
+"""Fast CPU paths of the quantizers: `kernels.c`, compiled once, called through ctypes.
+
+The C file is plain C with OpenMP (no torch headers), so it builds in about a second with
+the system's C compiler; the library is cached under `$FOURBIT_CACHE` (default
+~/.cache/fourbit) by a hash of its source, flags and CPU. `make` builds it at install;
+otherwise the first use does. Where it cannot be built or loaded (no compiler, another
+architecture), and for tensors it does not cover (not CPU float32), the pure-PyTorch
+definitions run instead: they are the oracle, and tests/test_fast_paths.py asserts that
+both give the same bits. FOURBIT_KERNELS=0 turns the fast path off.
+
+    python -m fourbit.formats.kernels      # build (if needed) and print the library's path
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off: no fused multiply-add, so every product is rounded as torch rounds it
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+
+_f32p = ctypes.POINTER(ctypes.c_float)
+_u8p = ctypes.POINTER(ctypes.c_uint8)
+_f64p = ctypes.POINTER(ctypes.c_double)
+_i64, _int, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "fb_int_quantize": (_i64, [_f32p, _i64, _f32, _f32, _f32, _f32, _f32, _f32p, _u8p, _u8p, _int, _int]),
+    "fb_int_decode": (None, [_u8p, _i64, _f32, _int, _f32p, _int]),
+    "fb_pact_backward": (None, [_f32p, _i64, _u8p, _u8p, _int, _f64p, _f64p, _f64p, _int]),
+    "fb_table_quantize": (
+        None,
+        [_f32p, _i64, _f32, _f32, _f32p, _f32p, _int, ctypes.c_uint32, _f32p, _f32p, _int],
+    ),
+    "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _int]),
+    "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
+    "fb_finite_amax": (_f32, [_f32p, _i64, _int]),
+}
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cpu_id() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def library_path() -> Path:
+    """Where the compiled library for this source, these flags and this CPU lives."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode())
+    digest.update((platform.machine() + _cpu_id()).encode())
+    cache = Path(os.environ.get("FOURBIT_CACHE", Path.home() / ".cache" / "fourbit"))
+    return cache / "kernels" / f"fourbit-kernels-{digest.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile kernels.c (if not cached yet); written to a temp file, then renamed."""
+    path = library_path()
+    if path.exists():
+        return path
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, path)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"compiling {SOURCE.name} failed:\n{e.stderr}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (disabled, or not buildable here: warned once)."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("FOURBIT_KERNELS", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"fourbit's fast CPU kernels are unavailable, using pure PyTorch: {e}", stacklevel=2)
+        return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    _lib = lib
+    return _lib
+
+
+def scalar(scale) -> float | None:
+    """`scale` as a Python float when it is one number (a float or a one-element tensor)."""
+    if isinstance(scale, Tensor):
+        return float(scale) if scale.numel() == 1 and scale.device.type == "cpu" else None
+    return float(scale)
+
+
+def applies(x: Tensor) -> bool:
+    """Whether the kernels serve `x`: a CPU float32 tensor, and the library is loaded."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+
+
+def _ptr(t: Tensor | None, kind):
+    return None if t is None else ctypes.cast(t.data_ptr(), kind)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def int_quantize(
+    x: Tensor,
+    scale: float,
+    qmin: int,
+    qmax: int,
+    lo: float = float("-inf"),
+    hi: float = float("inf"),
+    clip_signed: bool = False,
+    codes: bool = False,
+    clip_bits: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, int]:
+    """(values, nibble-packed codes or None, clip bits or None, number of NaNs) of `x`."""
+    x = x.contiguous()
+    n = x.numel()
+    values = torch.empty_like(x)
+    nibbles = torch.empty((n + 1) // 2, dtype=torch.uint8) if codes else None
+    clip = torch.empty((n + 7) // 8, dtype=torch.uint8) if clip_bits else None
+    nans = library().fb_int_quantize(
+        _ptr(x, _f32p), n, scale, lo, hi, qmin, qmax, _ptr(values, _f32p),
+        _ptr(nibbles, _u8p), _ptr(clip, _u8p), int(clip_signed), _threads(),
+    )  # fmt: skip
+    return values, nibbles, clip, nans
+
+
+def int_decode(nibbles: Tensor, shape: torch.Size, scale: float, signed: bool) -> Tensor:
+    out = torch.empty(shape, dtype=torch.float32)
+    n, signed = out.numel(), int(signed)
+    library().fb_int_decode(_ptr(nibbles, _u8p), n, scale, signed, _ptr(out, _f32p), _threads())
+    return out
+
+
+def pact_backward(d: Tensor, clip_bits: Tensor, nibbles: Tensor, signed: bool) -> tuple[Tensor, float, float]:
+    """(d zeroed where clipped, sum of d where clipped at the top, same at the bottom)."""
+    d = d.float().contiguous().clone()
+    chunks = -(-d.numel() // 4096)
+    partial = torch.empty(2 * chunks, dtype=torch.float64)
+    top, bottom = ctypes.c_double(), ctypes.c_double()
+    library().fb_pact_backward(
+        _ptr(d, _f32p), d.numel(), _ptr(clip_bits, _u8p), _ptr(nibbles, _u8p), int(signed),
+        _ptr(partial, _f64p), ctypes.byref(top), ctypes.byref(bottom), _threads(),
+    )  # fmt: skip
+    return d, top.value, bottom.value
+
+
+def table_quantize(
+    x: Tensor, tables: list[Tensor], shift: int, mask: int, scale: float = 1.0, premul: float = 1.0
+) -> list[Tensor]:
+    """copysign(table[(bits(y) >> shift) & mask], y) * scale for y = x * premul / scale,
+    one output per table (at most two), in one pass."""
+    x = x.contiguous()
+    outs = [torch.empty_like(x) for _ in tables]
+    t1, o1 = (tables[1], outs[1]) if len(tables) > 1 else (None, None)
+    library().fb_table_quantize(
+        _ptr(x, _f32p), x.numel(), premul, scale, _ptr(tables[0], _f32p), _ptr(t1, _f32p),
+        shift, mask, _ptr(outs[0], _f32p), _ptr(o1, _f32p), _threads(),
+    )  # fmt: skip
+    return outs
+
+
+def float_quantize(x: Tensor, scale: float, mantissa_bits: int, emin: int, maxv: float, top: float) -> Tensor:
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().fb_float_quantize(
+        _ptr(x, _f32p), x.numel(), scale, mantissa_bits, emin, maxv, top, _ptr(out, _f32p), _threads()
+    )
+    return out
+
+
+def block_quantize(y: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: bool) -> Tensor:
+    """Quantize-dequantize `y` [..., rows, cols] as MXFP4 (e8m0) / NVFP4 (e4m3), one scale per
+    R x C tile of each matrix (1-D blocks along the rows: R = 1)."""
+    y = y.contiguous()
+    out = torch.empty_like(y)
+    (R, C), rows, cols = tile, y.shape[-2], y.shape[-1]
+    count = y.numel() // max(rows * cols, 1)
+    library().fb_block_quantize(
+        _ptr(y, _f32p), count, rows, cols, R, C, tensor_scale, int(e4m3), _ptr(out, _f32p), _threads()
+    )
+    return out
+
+
+def finite_amax(x: Tensor) -> Tensor:
+    """max |x| over the finite elements of `x` (0 when there are none), a float32 scalar."""
+    x = x.contiguous()
+    return torch.tensor(library().fb_finite_amax(_ptr(x, _f32p), x.numel(), _threads()))
+
+
+if __name__ == "__main__":
+    print(build())
