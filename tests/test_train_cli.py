@@ -109,7 +109,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     with pytest.raises(_Killed):
         train(cfg, tmp_path / "cut", progress=False)
     monkeypatch.setattr(train_module, "atomic_write", real_write)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["progress"]["epoch"] == 1
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False)
 
     assert resumed["metric"] == whole["metric"]
@@ -136,7 +136,7 @@ def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
     cfg = RunConfig("fashion-resnet20", "fp32", epochs=1, batch_size=48, data_dir=str(data))
     train(cfg, tmp_path / "run", progress=False)
     other = RunConfig("fashion-resnet20", "ibm4", epochs=1, batch_size=48, data_dir=str(data))
-    with pytest.raises(ValueError, match="different run.*recipe"):
+    with pytest.raises(ValueError, match="from another recipe: 'fp32', not 'ibm4'"):
         train(other, tmp_path / "run", resume=True, progress=False)
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable fourbit checkpoint"):

@@ -83,6 +83,8 @@ def _run_config(args, recipe: str):
         train_limit=args.train_limit,
         test_limit=args.test_limit,
         data_dir=str(args.data_dir) if args.data_dir else None,
+        checkpoint_every=args.checkpoint_every,
+        max_skipped_steps=args.max_skipped_steps,
     )
 
 
@@ -180,6 +182,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", type=Path, help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="N",
+        help="also checkpoint every N steps (default: each epoch)",
+    )
+    p.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=20,
+        metavar="K",
+        help="stop after K steps in a row skipped for a non-finite loss or gradient (default: 20)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -223,14 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 2 bad arguments or data, 3 too many non-finite steps in a row,
+    130 / 143 stopped by SIGINT / SIGTERM (a checkpoint to --resume from is saved)."""
     args = build_parser().parse_args(argv)
     from fourbit.tasks.idx import DataError
+    from fourbit.train import RunStopped
 
     try:
         return args.func(args)
     except (ValueError, DataError) as e:
         print(f"fourbit: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"fourbit: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -142,7 +142,9 @@ class GradScale(nn.Module):
       values above M saturated this once);
     - `current`: s is the largest power of two with s · max|g| <= M, from this gradient;
     - `none`: s stays at `init` (one fixed global loss scale: the baseline).
-    A gradient with NaN/inf halves the scale (back-off); an all-zero one leaves it.
+    A gradient with NaN/inf halves the scale (back-off); an all-zero one leaves it. Under
+    every rule, `nonfinite` counts the gradients with NaN/inf seen: it is where a bad
+    gradient enters the layer's quantizer, so the training loop reads it to skip the step.
     (choice) Under `adaptive`, the first nonzero finite gradient sets the starting scale as
     `current` would, so early gradients do not underflow while the scale doubles its way up.
     """
@@ -158,14 +160,16 @@ class GradScale(nn.Module):
         self.rule, self.max_value = rule, float(max_value)
         self.register_buffer("scale", torch.tensor(float(init)))
         self.register_buffer("started", torch.tensor(False))
+        self.register_buffer("nonfinite", torch.tensor(0, dtype=torch.int64))
 
     def forward(self, amax: Tensor) -> Tensor:
         """The scale for a gradient whose max |g| is `amax`; updates the state for the next one."""
         s, M = self.scale.clone(), self.max_value
-        if self.rule == "none":
-            return s
         amax = amax.detach().float().to(s.device)
         finite, zero = torch.isfinite(amax), amax == 0
+        self.nonfinite += ~finite  # on the device: no host sync
+        if self.rule == "none":
+            return s
         s1 = exp2i(floor_log2(torch.tensor(M)) - floor_log2(amax))
         covering = torch.where(zero, s, torch.where(amax * s1 <= M, s1, s1 / 2))  # the `current` scale
         if self.rule == "current":
@@ -183,3 +187,15 @@ class GradScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rule={self.rule}, max_value={self.max_value}"
+
+
+def nonfinite_gradients(model: nn.Module) -> dict[str, Tensor]:
+    """Each GradScale's count of non-finite gradients, by the name of the layer it scales.
+
+    The values are the live counters (0-dim int64 tensors): reading them costs no host sync
+    until the caller asks for a number."""
+    return {
+        name.removesuffix("quant.gradscale").rstrip(".") or name: m.nonfinite
+        for name, m in model.named_modules()
+        if isinstance(m, GradScale)
+    }

@@ -1,9 +1,15 @@
-"""The one training loop: any task, any recipe, resumable, bit-reproducible.
+"""The one training loop: any task, any recipe, resumable, bit-reproducible, fault-tolerant.
 
 Everything random comes from seeded generators: model init from `seed`, each epoch's data
 order and augmentation from (seed, epoch), each layer's stochastic rounding from its own
-generator (in the model's state_dict), dropout from torch's global RNG (checkpointed).
-So a run resumed from a checkpoint ends with exactly the metrics of an uninterrupted one.
+generator (in the model's state_dict), dropout from torch's global RNG. A checkpoint (each
+epoch, and every `checkpoint_every` steps) holds all of them and the position within the
+epoch, so a run resumed from one, even after a SIGKILL mid-epoch, ends bit-identical to an
+uninterrupted one.
+
+A step whose loss or any gradient is not finite is skipped (`train_step`); after
+`max_skipped_steps` in a row the run stops. SIGINT / SIGTERM stop it at the next step
+boundary, after a checkpoint. Either way `RunStopped` says how, and how to go on.
 """
 
 from __future__ import annotations
@@ -12,19 +18,30 @@ import dataclasses
 import json
 import math
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fourbit import recipes, tasks
 from fourbit.convert import convert
 from fourbit.io import atomic_write
+from fourbit.scaling import PACT, GradScale, nonfinite_gradients
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: mid-epoch position, GradScale's non-finite counter
+
+# RunConfig fields that change how a run is looked after, not its numbers: a run may be
+# resumed with other values of these
+OPERATIONAL_FIELDS = ("checkpoint_every", "max_skipped_steps")
+
+EXIT_DIVERGED = 3  # the CLI's exit status after max_skipped_steps skipped steps in a row
 
 
 @dataclass(frozen=True)
@@ -40,14 +57,18 @@ class RunConfig:
     train_limit: int | None = None
     test_limit: int | None = None
     data_dir: str | None = None
+    checkpoint_every: int | None = None  # also checkpoint every N steps (None: each epoch only)
+    max_skipped_steps: int = 20  # stop after this many non-finite steps in a row
 
     def __post_init__(self):
         tasks.get(self.task)  # ValueErrors listing the known names
         recipes.get(self.recipe)
-        for name in ("epochs", "batch_size", "train_limit", "test_limit"):
+        for name in ("epochs", "batch_size", "train_limit", "test_limit", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.max_skipped_steps, int) or self.max_skipped_steps < 1:
+            raise ValueError(f"max_skipped_steps must be a positive integer; got {self.max_skipped_steps!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr!r}")
 
@@ -59,6 +80,31 @@ class RunConfig:
             batch_size=self.batch_size or d.batch_size,
             lr=self.lr or d.lr,
         )
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its end and left a checkpoint; the CLI exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class Progress:
+    """Where a run is, and what its current epoch has summed so far (kept in the checkpoint)."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # batches done in the current epoch
+    seen: int = 0  # examples done in the current epoch
+    loss_sum: float = 0.0  # Σ loss · examples over the steps whose loss was finite
+    loss_seen: int = 0  # the examples in that sum
+    skipped: int = 0  # steps of this epoch skipped for a non-finite loss or gradient
+    in_a_row: int = 0  # skipped steps since the last good one (across epochs)
+    train_time: float = 0.0  # seconds spent training in this epoch, over every resume
+
+    def next_epoch(self) -> Progress:
+        return Progress(epoch=self.epoch + 1, in_a_row=self.in_a_row)
 
 
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -106,118 +152,342 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train, evaluate each epoch, checkpoint each epoch; returns (and writes) summary.json."""
-    out = Path(out)
-    task = tasks.get(cfg.task)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-    status = task.data_status(data_dir)
-    if status is not None:
-        raise ValueError(status)
-    cfg = cfg.resolved(task)
-    train_set = task.dataset("train", data_dir, cfg.train_limit, cfg.seed)
-    test_set = task.dataset("test", data_dir, cfg.test_limit, cfg.seed)
-    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-
-    torch.manual_seed(cfg.seed)
-    model = task.build_model()
-    example = task.collate([train_set[i] for i in range(min(2, len(train_set)))])
-    convert(model, cfg.recipe, example_input=task.model_inputs(example), seed=cfg.seed, verbose=progress)
-    opt, sched = _optimizer(task, model, cfg, cfg.epochs * steps_per_epoch)
-
-    history: list[dict] = []
-    start_epoch, wall_before = 0, 0.0
-    ckpt_path = out / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["config"] != dataclasses.asdict(cfg):
-            theirs = {k: v for k, v in ckpt["config"].items() if dataclasses.asdict(cfg).get(k) != v}
-            raise ValueError(f"{ckpt_path} is from a different run (differs in {theirs}); use another --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        history, start_epoch, wall_before = ckpt["history"], ckpt["epoch"], ckpt["wall_time_s"]
-
-    test_loader = DataLoader(test_set, batch_size=cfg.batch_size, collate_fn=task.collate)
-    t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        order = torch.randperm(len(train_set), generator=_epoch_generator(cfg.seed, epoch, 0)).tolist()
-        loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=order, collate_fn=task.collate)
-        aug = _epoch_generator(cfg.seed, epoch, 1)
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        bar = tqdm(
-            loader, desc=f"{cfg.task} {cfg.recipe} epoch {epoch + 1}/{cfg.epochs}", disable=not progress
-        )
-        for batch in bar:
-            loss, n = task.loss(model, task.augment(batch, aug))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += n
-            loss_sum += loss.item() * n
-            bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        train_time = time.perf_counter() - t0
-        model.eval()
-        with torch.no_grad():
-            metrics = task.evaluate(model, test_loader)
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            **metrics,
-            "lr": sched.get_last_lr()[0],
-            "epoch_time_s": train_time,
-            "samples_per_s": seen / train_time,
-        }
-        history.append(record)
-        if progress:
-            value = metrics[task.metric_name]
-            tqdm.write(
-                f"epoch {epoch + 1}: {task.metric_name} {value:.3f}, train loss {record['train_loss']:.4f}"
+def check_same_run(ckpt: dict, cfg: RunConfig, path: Path) -> None:
+    """Refuse a checkpoint from another task, recipe or setting, saying which."""
+    theirs, ours = ckpt["config"], dataclasses.asdict(cfg)
+    for key in ("task", "recipe"):
+        if theirs.get(key) != ours[key]:
+            raise ValueError(
+                f"{path} is from another {key}: {theirs.get(key)!r}, not {ours[key]!r}; use another --out"
             )
-        wall = wall_before + time.perf_counter() - t_start
-        _write_json_lines(out / "metrics.jsonl", history)
+    differ = [
+        f"{k} {theirs.get(k)!r} (now {v!r})"
+        for k, v in ours.items()
+        if k not in OPERATIONAL_FIELDS and theirs.get(k) != v
+    ]
+    if differ:
+        raise ValueError(f"{path} is from a run with other settings: {', '.join(differ)}; use another --out")
+
+
+def _all_finite(x) -> bool:
+    """Every floating-point tensor in x (a tensor, or tuples / lists / dicts of them) is finite."""
+    if isinstance(x, Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, dict):
+        x = list(x.values())
+    return not isinstance(x, (tuple, list)) or all(_all_finite(v) for v in x)
+
+
+def _names(names: list[str]) -> str:
+    """At most the last three (the nearest the output, where a bad gradient enters first)."""
+    shown = ", ".join(names[-3:])
+    return shown if len(names) <= 3 else f"{shown} and {len(names) - 3} more"
+
+
+class StepGuard:
+    """Finds the non-finite numbers of a step, and undoes what that step changed in place.
+
+    A healthy step costs a copy of the model's (small) buffers and one host sync after
+    backward; which layer went wrong is worked out only on a bad step."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.counters = nonfinite_gradients(model)
+        # What a step changes in place besides parameters and optimizer: the buffers (BN
+        # running statistics and num_batches_tracked, PACT signedness, the layers' generator
+        # states) and PACT's alpha (set from the first batch). Not GradScale: it must back off.
+        modules = list(model.modules())
+        self.state = [b for m in modules if not isinstance(m, GradScale) for b in m.buffers(recurse=False)]
+        self.state += [m.alpha for m in modules if isinstance(m, PACT)]
+        self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+    def snapshot(self) -> tuple[list[Tensor], Tensor]:
+        return [t.detach().clone() for t in self.state], torch.get_rng_state()
+
+    def restore(self, snapshot: tuple[list[Tensor], Tensor]) -> None:
+        tensors, rng = snapshot
+        with torch.no_grad():
+            for t, saved in zip(self.state, tensors, strict=True):
+                t.copy_(saved)
+        torch.set_rng_state(rng)
+
+    def counts(self) -> Tensor:
+        """Every layer's non-finite gradient count, as one tensor (no host sync)."""
+        return (
+            torch.stack(list(self.counters.values())) if self.counters else torch.zeros(0, dtype=torch.int64)
+        )
+
+    def bad_gradients(self, counts_before: Tensor) -> str | None:
+        """None when every gradient of the backward pass was finite; else where it was not."""
+        grads = [p.grad for _, p in self.params if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        new = self.counts() - counts_before
+        if bool(finite & (new == 0).all()):  # the one host sync
+            return None
+        layers = [name for name, d in zip(self.counters, new.tolist(), strict=True) if d]
+        if layers:
+            return f"non-finite gradient entering the quantizer of {_names(layers)}"
+        bad = [
+            name for name, p in self.params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        ]
+        return f"non-finite gradient of {_names(bad)}"
+
+
+def first_nonfinite_output(model: torch.nn.Module, task: tasks.Task, batch) -> str:
+    """Run the forward again with hooks: the first module whose output is not finite."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(module, args, output):
+            if not found and not _all_finite(output):
+                note = "" if _all_finite(args) else " (its input was not finite either)"
+                found.append(f"{name or 'the model'}{note}")
+
+        return check
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            task.loss(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "no module (the loss computation itself)"
+
+
+def train_step(model, opt, sched, task: tasks.Task, batch, guard: StepGuard) -> tuple[float, int, str | None]:
+    """One optimizer step on `batch`: (loss, examples, None), or (loss, examples, why) when
+    the loss or a gradient was not finite and the step was skipped: parameters, optimizer,
+    scheduler, buffers (BN statistics), PACT α and the random states stay as they were;
+    only the GradScales that saw the bad gradient backed off."""
+    before = guard.snapshot()
+    loss, n = task.loss(model, batch)
+    value = loss.item()  # checked before backward: a bad loss would back off every GradScale
+    if not math.isfinite(value):
+        guard.restore(before)  # so the rerun sees exactly this step's forward
+        where = first_nonfinite_output(model, task, batch)
+        guard.restore(before)
+        return (
+            value,
+            n,
+            f"loss is {value} (fp32 overflow in the forward pass); first non-finite output: {where}",
+        )
+    counts = guard.counts()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    why = guard.bad_gradients(counts)
+    if why is not None:
+        guard.restore(before)
+        return value, n, why
+    opt.step()
+    sched.step()
+    return value, n, None
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM ask the loop to stop at the next step boundary (`signum` is set);
+    a second one acts as it would have without us."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _StopSignals:
+        self.signum: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signal() works there only
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
+    """Train, evaluate each epoch, checkpoint each epoch (and every `checkpoint_every` steps);
+    returns (and writes) summary.json. Raises RunStopped when stopped early."""
+    run = _Run(cfg, Path(out), progress)
+    if resume and run.ckpt_path.exists():
+        run.resume()
+    with _StopSignals() as signals:
+        while run.pos.epoch < run.cfg.epochs:
+            if signals.signum is not None:  # it arrived during the evaluation
+                raise run.interrupted(None, signals.signum)
+            run.train_epoch(signals)
+            run.end_epoch()
+    return run.write_summary()
+
+
+class _Run:
+    """One run: its data, model, optimizer, where it is, and its history."""
+
+    def __init__(self, cfg: RunConfig, out: Path, progress: bool):
+        task = tasks.get(cfg.task)
+        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+        status = task.data_status(data_dir)
+        if status is not None:
+            raise ValueError(status)
+        self.cfg = cfg = cfg.resolved(task)
+        self.task, self.out, self.progress = task, out, progress
+        self.ckpt_path = out / "checkpoint.pt"
+        self.train_set = task.dataset("train", data_dir, cfg.train_limit, cfg.seed)
+        test_set = task.dataset("test", data_dir, cfg.test_limit, cfg.seed)
+        self.test_loader = DataLoader(test_set, batch_size=cfg.batch_size, collate_fn=task.collate)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+
+        torch.manual_seed(cfg.seed)
+        self.model = task.build_model()
+        example = task.collate([self.train_set[i] for i in range(min(2, len(self.train_set)))])
+        inputs = task.model_inputs(example)
+        convert(self.model, cfg.recipe, example_input=inputs, seed=cfg.seed, verbose=progress)
+        self.opt, self.sched = _optimizer(task, self.model, cfg, cfg.epochs * self.steps_per_epoch)
+        self.guard = StepGuard(self.model)
+        self.history: list[dict] = []
+        self.pos, self.augment_rng, self.wall_before = Progress(), None, 0.0
+        self.t_start = time.perf_counter()
+
+    def resume(self) -> None:
+        ckpt = load_checkpoint(self.ckpt_path)
+        check_same_run(ckpt, self.cfg, self.ckpt_path)
+        self.model.load_state_dict(ckpt["model"])  # in place: the StepGuard's tensors stay valid
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.history, self.wall_before = ckpt["history"], ckpt["wall_time_s"]
+        self.pos, self.augment_rng = Progress(**ckpt["progress"]), ckpt["augment_rng"]
+
+    def save_checkpoint(self, aug: torch.Generator | None) -> None:
+        """`aug`: the epoch's augmentation generator, when saving in the middle of an epoch."""
         checkpoint = {
             "format": "fourbit-checkpoint",
             "version": CHECKPOINT_VERSION,
-            "config": dataclasses.asdict(cfg),
-            "epoch": epoch + 1,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
+            "config": dataclasses.asdict(self.cfg),
+            "progress": dataclasses.asdict(self.pos),
+            "augment_rng": aug.get_state() if aug is not None else None,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "history": history,
-            "wall_time_s": wall,
+            "history": self.history,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
         }
-        atomic_write(ckpt_path, lambda tmp, c=checkpoint: torch.save(c, tmp))
+        atomic_write(self.ckpt_path, lambda tmp: torch.save(checkpoint, tmp))
 
-    wall = wall_before + time.perf_counter() - t_start
-    final = history[-1] if history else {}
-    summary = {
-        "task": cfg.task,
-        "recipe": cfg.recipe,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_size,
-        "lr": cfg.lr,
-        "train_limit": cfg.train_limit,
-        "test_limit": cfg.test_limit,
-        "metric_name": task.metric_name,
-        "metric": final.get(task.metric_name),
-        "higher_is_better": task.higher_is_better,
-        "wall_time_s": wall,
-        "samples_per_s": sum(h["samples_per_s"] for h in history) / max(len(history), 1),
-        "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1),
-        "peak_rss_mb": _peak_rss_mb(),
-        "final": final,
-    }
-    atomic_write(out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
-    from fourbit.plots import plot_curves
+    def stop(self, aug: torch.Generator | None, what: str, advice: str, exit_code: int) -> RunStopped:
+        """Checkpoint, and the exception that ends the run."""
+        self.save_checkpoint(aug)
+        where = f"epoch {self.pos.epoch + 1}, step {self.pos.step}/{self.steps_per_epoch}"
+        return RunStopped(f"{what} at {where}; checkpoint saved to {self.ckpt_path}: {advice}", exit_code)
 
-    plot_curves({cfg.recipe: history}, task.metric_name, out / "curves.png")
-    return summary
+    def interrupted(self, aug: torch.Generator | None, signum: int) -> RunStopped:
+        name = signal.Signals(signum).name
+        advice = "to continue, run the same command with --resume"
+        return self.stop(aug, f"stopped by {name}", advice, 128 + signum)  # as a shell reports a kill
+
+    def diverged(self, aug: torch.Generator, why: str) -> RunStopped:
+        advice = (
+            "it holds the last good state (a skipped step changes no parameter, optimizer or BN "
+            "statistic); --resume retries from it, or start again in a new --out with a lower --lr "
+            "or another recipe"
+        )
+        return self.stop(
+            aug, f"{self.pos.in_a_row} steps in a row skipped (the last: {why})", advice, EXIT_DIVERGED
+        )
+
+    def train_epoch(self, signals: _StopSignals) -> None:
+        """The steps of epoch `pos.epoch` from step `pos.step` on."""
+        cfg, pos, epoch = self.cfg, self.pos, self.pos.epoch
+        order = torch.randperm(len(self.train_set), generator=_epoch_generator(cfg.seed, epoch, 0)).tolist()
+        aug = _epoch_generator(cfg.seed, epoch, 1)
+        if pos.step:  # resumed mid-epoch: skip the batches done, augment from where it was
+            aug.set_state(self.augment_rng)
+        sampler = order[pos.step * cfg.batch_size :]
+        loader = DataLoader(self.train_set, cfg.batch_size, sampler=sampler, collate_fn=self.task.collate)
+        self.model.train()
+        t0 = time.perf_counter() - pos.train_time
+        desc = f"{cfg.task} {cfg.recipe} epoch {epoch + 1}/{cfg.epochs}"
+        bar = tqdm(loader, desc, initial=pos.step, total=self.steps_per_epoch, disable=not self.progress)
+        for batch in bar:
+            batch = self.task.augment(batch, aug)
+            loss, n, why = train_step(self.model, self.opt, self.sched, self.task, batch, self.guard)
+            pos.step += 1
+            pos.seen += n
+            pos.train_time = time.perf_counter() - t0
+            if math.isfinite(loss):
+                pos.loss_sum += loss * n
+                pos.loss_seen += n
+            pos.in_a_row = 0 if why is None else pos.in_a_row + 1
+            if why is not None:
+                pos.skipped += 1
+                tqdm.write(f"epoch {epoch + 1}, step {pos.step}: skipped: {why}", file=sys.stderr)
+            postfix = {"loss": f"{loss:.3f}", "samples_s": f"{pos.seen / pos.train_time:.0f}"}
+            bar.set_postfix(postfix | ({"skipped": pos.skipped} if pos.skipped else {}))
+            if pos.in_a_row >= cfg.max_skipped_steps:
+                raise self.diverged(aug, why)
+            if signals.signum is not None:
+                raise self.interrupted(aug, signals.signum)
+            every = cfg.checkpoint_every
+            if (
+                every
+                and (epoch * self.steps_per_epoch + pos.step) % every == 0
+                and pos.step < self.steps_per_epoch
+            ):
+                self.save_checkpoint(aug)  # (the last step's is the epoch checkpoint)
+
+    def end_epoch(self) -> None:
+        """Evaluate, log, write metrics.jsonl and the epoch checkpoint."""
+        pos, task = self.pos, self.task
+        self.model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(self.model, self.test_loader)
+        record = {
+            "epoch": pos.epoch + 1,
+            "train_loss": pos.loss_sum / max(pos.loss_seen, 1),
+            **metrics,
+            "lr": self.sched.get_last_lr()[0],
+            "skipped_steps": pos.skipped,
+            "epoch_time_s": pos.train_time,
+            "samples_per_s": pos.seen / pos.train_time,
+        }
+        self.history.append(record)
+        if self.progress:
+            value, loss = metrics[task.metric_name], record["train_loss"]
+            tqdm.write(f"epoch {pos.epoch + 1}: {task.metric_name} {value:.3f}, train loss {loss:.4f}")
+        _write_json_lines(self.out / "metrics.jsonl", self.history)
+        self.pos = pos.next_epoch()
+        self.save_checkpoint(None)
+
+    def write_summary(self) -> dict:
+        cfg, task, history = self.cfg, self.task, self.history
+        final = history[-1] if history else {}
+        summary = {
+            "task": cfg.task,
+            "recipe": cfg.recipe,
+            "seed": cfg.seed,
+            "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "train_limit": cfg.train_limit,
+            "test_limit": cfg.test_limit,
+            "metric_name": task.metric_name,
+            "metric": final.get(task.metric_name),
+            "higher_is_better": task.higher_is_better,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+            "samples_per_s": sum(h["samples_per_s"] for h in history) / max(len(history), 1),
+            "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1),
+            "skipped_steps": sum(h["skipped_steps"] for h in history),
+            "peak_rss_mb": _peak_rss_mb(),
+            "final": final,
+        }
+        atomic_write(
+            self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        )
+        from fourbit.plots import plot_curves
+
+        plot_curves({cfg.recipe: history}, task.metric_name, self.out / "curves.png")
+        return summary
 
 
 def _write_json_lines(path: Path, rows: list[dict]) -> None:
