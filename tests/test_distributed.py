@@ -1,6 +1,8 @@
 """fourbit.distributed: the FP4 gradient exchange (encode/decode, error feedback, NaN) and
 DDP training of a converted model on two gloo processes."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -59,17 +61,44 @@ def one_process_group():
     dist.destroy_process_group()
 
 
+def _state(**sizes: int) -> distributed.FP4State:
+    """An FP4State for a model whose parameters have these names and numbers of elements."""
+    model = nn.Module()
+    for name, size in sizes.items():
+        model.register_parameter(name, nn.Parameter(torch.zeros(size)))
+    return distributed.FP4State(model)
+
+
 def test_error_feedback_on_one_process(one_process_group):
-    state = distributed.FP4State(nn.Linear(1, 1))
+    state = _state(a=500, b=500)
     g = torch.randn(2, 500, generator=torch.Generator().manual_seed(1))
-    out = state.allreduce([("a", g[0]), ("b", g[1].reshape(20, 25))])
-    assert torch.equal(out, distributed.decode(distributed.encode(g.reshape(1, -1)), 1000)[0])
-    assert torch.equal(state.residuals["sent"]["b"], (g - out.reshape(2, 500))[1].reshape(20, 25))
+    # handed over in another order than the model's, as DDP may: laid out in the model's
+    out = state.allreduce([("b", g[1].reshape(20, 25)), ("a", g[0])])
+    q = distributed.decode(distributed.encode(g.reshape(1, -1)), 1000)[0]
+    assert torch.equal(out, torch.cat([q[500:], q[:500]]))
+    assert torch.equal(state.residuals["sent"]["b"], (g[1] - q[500:]).reshape(20, 25))
     assert state.bytes_sent == 0 and state.fp32_bytes == 0  # nothing leaves one process
     # each step sends g plus what the steps before lost: K steps together miss K·g by one
     # quantization error, not by K of them
-    applied = out + sum(state.allreduce([("a", g[0]), ("b", g[1])]) for _ in range(FEEDBACK_STEPS - 1))
-    assert rel_error(applied, FEEDBACK_STEPS * g.reshape(-1)) < rel_error(out, g.reshape(-1)) / 5
+    applied = q + sum(state.allreduce([("a", g[0]), ("b", g[1])]) for _ in range(FEEDBACK_STEPS - 1))
+    assert rel_error(applied, FEEDBACK_STEPS * g.reshape(-1)) < rel_error(q, g.reshape(-1)) / 5
+
+
+def test_wrap_fixes_pact_clips_on_the_example_input(one_process_group):
+    model = _model()
+    fourbit.convert(model, "ibm4", verbose=False)  # without example_input nothing has run yet
+    with pytest.raises(ValueError, match=r"PACT clips \['3.quant.pact_a'\] have not seen an input"):
+        distributed.wrap(model)
+    example = torch.rand(2, 16, generator=torch.Generator().manual_seed(2))
+    distributed.wrap(model, "fp4", example_input=example)
+    hidden = model.eval()[:3](example)  # the clip's input, as wrap ran it: in eval mode
+    assert model[3].quant.pact_a.alpha.item() == hidden.abs().max().item()
+
+
+def test_helpers_outside_a_process_group():
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard([3, 1, 2]) == [3, 1, 2]
+    assert distributed.reduce_floats({"loss": 0.5}) == {"loss": 0.5}
 
 
 # -- two processes --------------------------------------------------------------------------
@@ -80,29 +109,46 @@ def _model() -> nn.Module:
     )
 
 
-def _train(grad_comm: str) -> dict:
-    """STEPS of SGD with momentum on each rank's own batches; the parameters after each step."""
+def _batches() -> list:
+    """STEPS batches of this rank's own data."""
+    data = torch.Generator().manual_seed(100 + distributed.rank())
+    return [
+        (torch.randn(16, 16, generator=data), torch.randint(0, 4, (16,), generator=data))
+        for _ in range(STEPS)
+    ]
+
+
+def _train(grad_comm: str, batches: list, checkpoint: dict | None = None) -> tuple:
+    """A converted model in DDP (from `checkpoint` when given) after SGD steps on `batches`."""
     model = _model()
     example = torch.randn(2, 16, generator=torch.Generator().manual_seed(9))
     fourbit.convert(model, "ibm4", example_input=example, verbose=False)
-    ddp, comm = distributed.wrap(model, grad_comm, example_input=example)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    data = torch.Generator().manual_seed(100 + distributed.rank())
-    for _ in range(STEPS):
-        x, y = torch.randn(16, 16, generator=data), torch.randint(0, 4, (16,), generator=data)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["optimizer"])
+    ddp, comm = distributed.wrap(model, grad_comm, example_input=example)
+    if checkpoint:
+        comm.load_state_dict(checkpoint["comm"])
+    _steps(ddp, opt, batches)
+    return ddp, opt, comm
+
+
+def _steps(ddp, opt, batches: list) -> None:
+    for x, y in batches:
         loss = nn.functional.cross_entropy(ddp(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "bytes": None if comm is None else (comm.bytes_sent, comm.fp32_bytes),
-    }
+
+
+def _params(ddp) -> dict:
+    return {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
 
 def _exchange() -> dict:
     """FP4State.allreduce of per-rank gradients next to their exact fp32 mean."""
-    state = distributed.FP4State(nn.Linear(1, 1))
+    state = _state(g=3000)
     gen = torch.Generator().manual_seed(7 + distributed.rank())
     base = torch.randn(3000, generator=torch.Generator().manual_seed(3))  # the ranks' shared signal
     steps = []
@@ -115,11 +161,30 @@ def _exchange() -> dict:
     if distributed.rank() == 1:
         bad[1000] = torch.nan
     after_nan = [state.allreduce([("g", bad)]), state.allreduce([("g", torch.ones(3000))])]
-    return {"steps": steps, "after_nan": after_nan, "bytes": (state.bytes_sent, state.fp32_bytes)}
+    return {"steps": steps, "after_nan": after_nan}
 
 
 def _worker() -> dict:
-    return {"fp32": _train("fp32"), "fp4": _train("fp4"), "exchange": _exchange()}
+    batches = _batches()
+    fp32, _, _ = _train("fp32", batches)
+    # fp4: half the steps, a checkpoint, the other half; and a new run resumed from it
+    fp4, opt, comm = _train("fp4", batches[: STEPS // 2])
+    checkpoint = copy.deepcopy(
+        {"model": fp4.module.state_dict(), "optimizer": opt.state_dict(), "comm": comm.state_dict()}
+    )
+    _steps(fp4, opt, batches[STEPS // 2 :])
+    resumed, _, _ = _train("fp4", batches[STEPS // 2 :], checkpoint)
+    return {
+        "rank": (distributed.rank(), distributed.world_size(), distributed.is_main()),
+        "shard": distributed.shard(list(range(11))),
+        "sum": distributed.reduce_floats({"a": distributed.rank() + 1.0, "b": 2.0}, "sum"),
+        "mean": distributed.reduce_floats({"a": distributed.rank() + 1.0, "b": 2.0}),
+        "fp32": _params(fp32),
+        "fp4": _params(fp4),
+        "fp4_bytes": (comm.bytes_sent, comm.fp32_bytes),
+        "fp4_resumed": _params(resumed),
+        "exchange": _exchange(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +192,16 @@ def ranks():
     return distributed.launch(2, _worker)
 
 
+def test_helpers_on_two_processes(ranks):
+    assert [r["rank"] for r in ranks] == [(0, 2, True), (1, 2, False)]
+    assert [r["shard"] for r in ranks] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]  # 10 dropped: equal steps
+    for r in ranks:
+        assert r["sum"] == {"a": 3.0, "b": 4.0} and r["mean"] == {"a": 1.5, "b": 2.0}
+
+
 @pytest.mark.parametrize("grad_comm", ["fp32", "fp4"])
 def test_ranks_stay_bit_identical(ranks, grad_comm):
-    first, second = (r[grad_comm]["params"] for r in ranks)
+    first, second = (r[grad_comm] for r in ranks)
     start = dict(_model().named_parameters())
     for name, p in first.items():
         assert torch.equal(p, second[name]), name
@@ -137,11 +209,17 @@ def test_ranks_stay_bit_identical(ranks, grad_comm):
             assert not torch.equal(p, start[name]), name
 
 
+def test_fp4_run_resumed_from_a_checkpoint_repeats_the_uninterrupted_run(ranks):
+    for r in ranks:
+        for name, p in r["fp4"].items():
+            assert torch.equal(p, r["fp4_resumed"][name]), name
+
+
 def test_fp4_training_follows_fp32_training(ranks):
     start = dict(_model().named_parameters())
 
     def update(grad_comm):
-        params = ranks[0][grad_comm]["params"]
+        params = ranks[0][grad_comm]
         return torch.cat([(params[name] - p.detach()).reshape(-1) for name, p in start.items()])
 
     fp32, fp4 = update("fp32"), update("fp4")
@@ -150,8 +228,8 @@ def test_fp4_training_follows_fp32_training(ranks):
 
 
 def test_fp4_bytes_on_the_wire(ranks):
-    sent, fp32 = ranks[0]["fp4"]["bytes"]
-    numel = sum(p.numel() for p in ranks[0]["fp4"]["params"].values())
+    sent, fp32 = ranks[0]["fp4_bytes"]
+    numel = sum(p.numel() for p in ranks[0]["fp4"].values())
     assert fp32 == STEPS * distributed.ring_allreduce_bytes(numel, 2)
     shard = 2 * -(-numel // 4)  # half of the bucket, rounded up to whole bytes of codes
     assert sent == STEPS * 2 * (shard // 2 + -(-shard // 256))  # codes and scale bytes, there and back

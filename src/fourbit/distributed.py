@@ -57,8 +57,8 @@ def init(rank: int | None = None, world_size: int | None = None, port: int | Non
     dist.init_process_group(
         backend(), rank=-1 if rank is None else rank, world_size=-1 if world_size is None else world_size
     )
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    if torch.cuda.is_available():  # one GPU per process; torchrun names it LOCAL_RANK
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
 
 
 def rank() -> int:
@@ -144,9 +144,14 @@ def wrap(
         raise ValueError(f"grad_comm must be 'fp32' or 'fp4'; got {grad_comm!r}")
     _fix_pact_clips(model, example_input)
     device_ids = [torch.cuda.current_device()] if backend() == "nccl" else None
-    ddp = DistributedDataParallel(model, device_ids=device_ids)
     if grad_comm == "fp32":
-        return ddp, None
+        return DistributedDataParallel(model, device_ids=device_ids), None
+    # One bucket of every gradient: the hook runs synchronously, so more buckets would
+    # overlap nothing, and with one bucket (laid out by the hook in the model's parameter
+    # order) every step has the same chunks and shard owners, though DDP regroups its
+    # buckets after the first step: a resumed run then repeats an uninterrupted one exactly.
+    megabytes = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=math.ceil(megabytes) + 1)
     state = FP4State(model, chunk)
     ddp.register_comm_hook(state, fp4_allreduce_hook)
     return ddp, state
@@ -230,7 +235,8 @@ class FP4State:
     Two residuals per parameter (DoubleSqueeze, Tang et al. 2019): "sent", what quantizing
     this rank's gradient lost, and "mean", what quantizing the mean of the shard this rank
     owns lost (zero elsewhere). Kept by parameter name, not by bucket index, because DDP
-    regroups its buckets after the first step.
+    regroups its buckets after the first step. They differ between ranks: a checkpoint
+    needs every rank's `state_dict()`.
     """
 
     def __init__(self, model: nn.Module, chunk: int = CHUNK, group: dist.ProcessGroup | None = None):
@@ -238,6 +244,7 @@ class FP4State:
             raise ValueError(f"chunk must be an even number >= 2; got {chunk!r}")
         self.chunk, self.group = chunk, group
         self.names = {p: name for name, p in model.named_parameters()}
+        self.position = {name: i for i, name in enumerate(self.names.values())}
         self.residuals: dict[str, dict[str, Tensor]] = {"sent": {}, "mean": {}}
         self.bytes_sent, self.fp32_bytes = 0, 0.0
 
@@ -256,10 +263,12 @@ class FP4State:
         self.bytes_sent, self.fp32_bytes = state["bytes_sent"], state["fp32_bytes"]
 
     def allreduce(self, grads: list[tuple[str, Tensor]]) -> Tensor:
-        """The mean across ranks of the flat concatenation of `grads` ((name, tensor) pairs,
-        the same names and shapes on every rank), exchanged in FP4; identical on every rank.
-
-        A chunk holding NaN or ±inf arrives as NaN and leaves the residuals as they were."""
+        """The mean across ranks of `grads` ((name, tensor) pairs of the model's parameters,
+        the same on every rank, in any order), laid end to end in the order given; exchanged
+        in FP4, identical on every rank. A chunk holding NaN or ±inf arrives as NaN and
+        leaves the residuals as they were."""
+        given = [name for name, _ in grads]
+        grads = sorted(grads, key=lambda pair: self.position[pair[0]])  # chunks independent of DDP's order
         world, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         n = sum(g.numel() for _, g in grads)
         shard = 2 * math.ceil(n / (2 * world))  # even, so each shard's codes fill whole bytes
@@ -280,11 +289,15 @@ class FP4State:
 
         q = decode(sent, shard, self.chunk).reshape(-1)
         self._store("sent", grads, torch.where(q.isnan(), sent_residual, x.reshape(-1) - q))
-        mean_residual[own] = torch.where(out[own].isnan(), mean_residual[own], mean - out[own])
-        self._store("mean", grads, mean_residual)
+        kept = torch.zeros_like(mean_residual)
+        kept[own] = torch.where(out[own].isnan(), mean_residual[own], mean - out[own])
+        self._store("mean", grads, kept)
         self.bytes_sent += 2 * (world - 1) * sent.shape[1]  # all_to_all and ring all-gather
         self.fp32_bytes += ring_allreduce_bytes(n, world)
-        return out[:n]
+        means = dict(
+            zip((name for name, _ in grads), out[:n].split([g.numel() for _, g in grads]), strict=True)
+        )
+        return torch.cat([means[name] for name in given])
 
     def _load(self, kind: str, grads: list[tuple[str, Tensor]], length: int) -> Tensor:
         """The residuals of `grads`, laid end to end and padded with zeros to `length`."""
