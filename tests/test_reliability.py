@@ -105,6 +105,42 @@ def test_a_nan_gradient_skips_its_step_and_the_run_goes_on(data, tmp_path, monke
     assert f"epoch 1, step {k}: skipped: non-finite gradient entering the quantizer of stem.0" in err
 
 
+@pytest.mark.parametrize(
+    ("recipe", "layer_state"),
+    [("ibm4", {"3.quant.pact_a.alpha", "3.quant.pact_a.signed"}), ("luq4", {"3.quant.rng_state"})],
+)
+def test_step_guard_restores_what_a_step_changes_in_place(recipe, layer_state):
+    """BN statistics, PACT's first-batch alpha and signedness (ibm4), the layers' generator
+    states (luq4's stochastic rounding) and the dropout RNG: restored, the same step gives
+    the same output and gradients."""
+    from fourbit import convert
+    from fourbit.train import StepGuard
+
+    layers = [torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 8)]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(8, 3))
+    convert(model, recipe, example_input=torch.randn(2, 6), verbose=False)
+    guard = StepGuard(model)
+    initial = copy.deepcopy(model.state_dict())
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.zero_grad()
+        out = model(x)
+        out.square().sum().backward()
+        return out, model[0].weight.grad.clone()
+
+    snapshot = guard.snapshot()
+    first = step()
+    changed = {k for k, t in model.state_dict().items() if not torch.equal(t, initial[k])}
+    assert {"1.running_mean", "1.num_batches_tracked"} | layer_state <= changed
+    guard.restore(snapshot)
+    assert all(torch.equal(t, initial[k]) for k, t in model.state_dict().items() if ".gradscale." not in k)
+    second = step()
+    assert torch.equal(second[0], first[0]) and torch.equal(second[1], first[1])
+    third = step()  # not restored: another dropout mask
+    assert not torch.equal(third[0], first[0])
+
+
 def test_too_many_bad_steps_in_a_row_stop_with_a_loadable_checkpoint(data, tmp_path, monkeypatch, capsys):
     k = 2
     _nan_gradient_into_the_stem(monkeypatch, k, 100)

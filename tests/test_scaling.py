@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fourbit import formats
-from fourbit.scaling import PACT, SAWB_COEFFICIENTS, GradScale, max_scale, sawb_scale
+from fourbit.scaling import PACT, SAWB_COEFFICIENTS, GradScale, max_scale, nonfinite_gradients, sawb_scale
 
 INT4 = formats.get("int4")
 
@@ -124,6 +124,34 @@ def test_gradscale_backs_off_on_nan_and_round_trips():
     assert other.scale.item() == 4.0
     with pytest.raises(ValueError, match="rule"):
         GradScale("sometimes")
+
+
+@pytest.mark.parametrize("rule", ["adaptive", "current", "none"])
+def test_gradscale_counts_nonfinite_gradients_under_every_rule(rule):
+    gs = GradScale(rule, init=4.0)
+    for amax in [0.5, float("nan"), 0.0, float("inf"), 3.0, float("-inf")]:
+        gs(torch.tensor(amax))
+    assert gs.nonfinite.item() == 3 and gs.nonfinite.dtype == torch.int64
+    other = GradScale(rule)
+    other.load_state_dict(gs.state_dict())
+    assert other.nonfinite.item() == 3
+
+
+def test_nonfinite_gradients_names_each_quantized_layer():
+    from fourbit import convert
+
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+    )
+    convert(model, "ibm4", example_input=torch.randn(2, 4), verbose=False)
+    counters = nonfinite_gradients(model)
+    assert list(counters) == ["0", "2", "3"]
+    x = torch.randn(3, 4, requires_grad=True)
+    out = model(x)
+    out.register_hook(lambda g: torch.full_like(g, float("nan")))
+    out.sum().backward()
+    assert [c.item() for c in counters.values()] == [1, 1, 1]  # the NaN reaches every layer's quantizer
+    assert counters["3"] is model[3].quant.gradscale.nonfinite  # live: no copy, no host sync
 
 
 @given(st.floats(min_value=1e-30, max_value=1e30), st.sampled_from([1.0, 2.0, 6.0, 448.0]))
