@@ -5,8 +5,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import fourbit
 from fourbit import formats
 from fourbit.formats import BlockFormat, kernels
+from fourbit.nn import QMatmul
+from fourbit.nn.gemm import _pact_backward
+from fourbit.nn.quant import quantize_int_operand
+from test_engine_training import LSTMNet, SmallResNet, _lstm_batch, _resnet_batch
 
 LOG_FORMATS = ["fp4_radix2", "fp4_radix4", "fp4_radix8"]
 
@@ -40,12 +45,12 @@ def test_log_format_fast_rounding_equals_the_reference(name, rounding, phase):
 @contextmanager
 def pure_torch():
     """Every quantizer on its pure-PyTorch definition (the kernels' oracle)."""
-    saved = kernels.applies
-    kernels.applies = lambda x: False
+    saved = kernels.available
+    kernels.available = lambda: False
     try:
         yield
     finally:
-        kernels.applies = saved
+        kernels.available = saved
 
 
 def _same_bits(fast: torch.Tensor, ref: torch.Tensor) -> None:
@@ -113,3 +118,99 @@ def test_fast_paths_keep_the_input_dtype_and_fall_back_for_other_dtypes():
             ref = fmt.quantize(half, 0.5)
         assert out.dtype == torch.float16 and torch.equal(out.isnan(), ref.isnan())
         assert torch.equal(out[~out.isnan()], ref[~ref.isnan()])
+
+
+class MatmulNet(torch.nn.Module):
+    """Linear -> attention-style QMatmuls (q·kᵀ, then ·v) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(5, 24)
+        self.scores, self.mix = QMatmul(), QMatmul()
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).chunk(3, -1)
+        attn = torch.softmax(self.scores(q, k.transpose(1, 2)), -1)
+        return self.head(self.mix(attn, v)).mean(1)
+
+
+def _train(make, batch, recipe: str, steps: int = 3) -> dict:
+    torch.manual_seed(0)
+    model = make()
+    x, y = batch(0)
+    fourbit.convert(model, recipe, example_input=x, verbose=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for step in range(steps):
+        x, y = batch(step)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("recipe", ["ibm4", "ibm4-notpr", "all4", "luq4", "mxfp4", "nvfp4", "fp16", "hfp8"])
+@pytest.mark.parametrize(
+    "make, batch",
+    [(SmallResNet, _resnet_batch), (LSTMNet, _lstm_batch), (MatmulNet, _lstm_batch)],
+    ids=["resnet", "lstm", "matmul"],
+)
+def test_training_with_the_kernels_equals_training_on_the_definitions(recipe, make, batch):
+    fast = _train(make, batch, recipe)
+    with pure_torch():
+        ref = _train(make, batch, recipe)
+    assert fast.keys() == ref.keys()
+    for key in fast:
+        assert torch.equal(fast[key], ref[key]), key
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    x = _inputs()[:200_000].reshape(-1, 400)  # above the size where the kernels go parallel
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            values, nibbles, clip, nans = kernels.int_quantize(x, 0.25, -7, 7, -1.5, 1.5, True, True, True)
+            grad, top, bottom = kernels.pact_backward(d.clone(), clip, nibbles, True)
+            quantized = [formats.get(n).quantize(x) for n in ("fp4_radix4", "fp4_e2m1", "mxfp4", "nvfp4")]
+            results.append([values, nibbles, clip, nans, grad, top, bottom, kernels.abs_max(x), *quantized])
+        finally:
+            torch.set_num_threads(1)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("clipped", [False, True])
+def test_int_operand_kernel_equals_the_definition(signed, clipped):
+    grid = formats.IntFormat(4, signed=signed, symmetric=signed)
+    alpha = torch.tensor(1.7)
+    clip = (-alpha if signed else torch.tensor(0.0), alpha) if clipped else None
+    edges = torch.tensor([0.0, -0.0, 1.7, -1.7, 1.6999999, -1.6999999, 1.7000001, 1e-30, -1e-30])
+    x = torch.cat([_inputs() * 1e-18, edges, torch.randn(5000, generator=torch.Generator().manual_seed(3))])
+    x = x[~x.isnan()]  # a NaN makes the operand keep float32 values, tested apart below
+    scale = alpha / grid.qmax
+    fast = quantize_int_operand(grid, x, scale, clip=clip)
+    with pure_torch():
+        ref = quantize_int_operand(grid, x, scale, clip=clip)
+    _same_bits(fast[0], ref[0])
+    assert torch.equal(fast[1].codes, ref[1].codes) and fast[1].codes_dtype == ref[1].codes_dtype
+    _same_bits(fast[1].unpack(), ref[1].unpack())
+    if clipped:
+        assert torch.equal(fast[2], ref[2])
+        d = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+        fast_d, fast_dalpha = _pact_backward(d.clone(), fast[2], fast[1], signed)
+        with pure_torch():
+            ref_d, ref_dalpha = _pact_backward(d.clone(), ref[2], ref[1], signed)
+        _same_bits(fast_d, ref_d)
+        torch.testing.assert_close(fast_dalpha, ref_dalpha, rtol=1e-6, atol=0)
+
+    with_nan = torch.cat([x[:100], torch.tensor([float("nan")])])
+    fast, ref = quantize_int_operand(grid, with_nan, scale, clip=clip), None
+    with pure_torch():
+        ref = quantize_int_operand(grid, with_nan, scale, clip=clip)
+    assert fast[1].values is not None and ref[1].values is not None  # NaN must reach the loss
+    _same_bits(fast[1].unpack(), ref[1].unpack())

@@ -211,7 +211,7 @@ class BlockFormat(Format):
         if self.scale_format == "e8m0" or y.numel() == 0:
             return 1.0
         if kernels.applies(y):
-            amax = kernels.finite_amax(y)
+            amax = kernels.abs_max(y, finite_only=True)
         else:
             amax = torch.where(torch.isfinite(y), y.abs(), 0.0).amax()
         if amax == 0:

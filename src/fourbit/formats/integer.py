@@ -55,7 +55,8 @@ class IntFormat(Format):
             r = lo + (random_uniform(y, generator) < (y - lo)).to(y.dtype)
         else:
             r = round_half_even(y)
-        return torch.clamp(r, self.qmin, self.qmax)
+        # + 0.0 turns -0.0 into 0.0: an integer has no sign of zero (and its code keeps none)
+        return torch.clamp(r, self.qmin, self.qmax) + 0.0
 
     def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
         if rounding != "nearest":

@@ -9,9 +9,16 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define PARALLEL_MIN 65536 /* below this many elements a thread team costs more than it saves */
+#define CHUNK 16384        /* elements per work item: a multiple of 8, so packed bytes never split */
+
+/* for (ch ...) over the chunks of [0, n), in parallel; each body handles [lo, hi) with plain
+ * loops the compiler vectorizes (it does not vectorize inside an OpenMP reduction). */
+#define CHUNK_BOUNDS(ch, n, lo, hi) \
+    int64_t lo = (ch) * CHUNK, hi = lo + CHUNK < (n) ? lo + CHUNK : (n)
 
 static inline uint32_t bits_of(float f) {
     uint32_t u;
@@ -35,59 +42,82 @@ static inline float pow2f(int e) {
  * values[i] = q * scale. nibbles (optional): 4-bit two's-complement codes, two per byte, the
  * even element in the low nibble. clip (optional): bit i%8 of byte i/8 set when x was clipped,
  * i.e. x >= hi, or x <= lo (clip_signed) / x < lo (unsigned). Returns the number of NaNs. */
-int64_t fb_int_quantize(const float *x, int64_t n, float scale, float lo, float hi, float qmin,
-                        float qmax, float *values, uint8_t *nibbles, uint8_t *clip, int clip_signed,
-                        int nthreads) {
-    int64_t groups = (n + 7) / 8, nans = 0;
-#pragma omp parallel for num_threads(nthreads) reduction(+ : nans) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        int64_t start = g * 8, end = start + 8 < n ? start + 8 : n;
-        uint8_t clipbyte = 0, codes[8] = {0};
-        for (int64_t i = start; i < end; i++) {
-            float v = x[i];
-            float y = v < lo ? lo : v;
-            y = y > hi ? hi : y;
-            float q = rintf(y / scale);
-            q = q < qmin ? qmin : q;
-            q = q > qmax ? qmax : q;
-            values[i] = q * scale;
-            if (q != q)
-                nans++;
-            else
-                codes[i - start] = (uint8_t)((int)q & 0x0F);
-            int clipped = v >= hi || (clip_signed ? v <= lo : v < lo);
-            clipbyte |= (uint8_t)(clipped << (i - start));
-        }
-        if (nibbles)
-            for (int64_t i = start; i < end; i += 2) nibbles[i / 2] = codes[i - start] | (codes[i - start + 1] << 4);
-        if (clip) clip[g] = clipbyte;
+static int64_t int_quantize_range(const float *restrict x, int64_t m, float scale, float lo_clip,
+                                  float hi_clip, float qmin, float qmax, int clip_signed,
+                                  float *restrict values, uint8_t *restrict codes, uint8_t *restrict flags) {
+    int32_t nans = 0;
+    uint8_t at_lo = (uint8_t)clip_signed; /* x == lo counts as clipped only on a signed grid */
+    for (int64_t i = 0; i < m; i++) {
+        float v = x[i];
+        float y = v < lo_clip ? lo_clip : v;
+        y = y > hi_clip ? hi_clip : y;
+        float q = rintf(y / scale);
+        q = q < qmin ? qmin : q;
+        q = (q > qmax ? qmax : q) + 0.0f; /* an integer has no -0 */
+        values[i] = q * scale;
+        nans += q != q;
+        codes[i] = (uint8_t)((int32_t)(q == q ? q : 0.0f) & 0x0F);
+        flags[i] = (uint8_t)((v >= hi_clip) | (v < lo_clip) | (at_lo & (v == lo_clip)));
     }
     return nans;
 }
 
-/* Inverse of the nibble packing: out[i] = code_i * scale (codes sign-extended when signed). */
+int64_t fb_int_quantize(const float *x, int64_t n, float scale, float lo_clip, float hi_clip, float qmin,
+                        float qmax, float *values, uint8_t *nibbles, uint8_t *clip, int clip_signed,
+                        int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK, nans = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(+ : nans) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        uint8_t codes[CHUNK + 1], flags[CHUNK + 8];
+        nans += int_quantize_range(x + lo, hi - lo, scale, lo_clip, hi_clip, qmin, qmax, clip_signed,
+                                   values + lo, codes, flags);
+        int64_t m = hi - lo;
+        codes[m] = 0;
+        for (int64_t k = m; k < m + 8; k++) flags[k] = 0;
+        if (nibbles)
+            for (int64_t j = 0; j < (m + 1) / 2; j++) nibbles[lo / 2 + j] = codes[2 * j] | (codes[2 * j + 1] << 4);
+        if (clip)
+            for (int64_t j = 0; j < (m + 7) / 8; j++) {
+                uint8_t byte = 0;
+                for (int b = 0; b < 8; b++) byte |= (uint8_t)(flags[8 * j + b] << b);
+                clip[lo / 8 + j] = byte;
+            }
+    }
+    return nans;
+}
+
+/* Inverse of the nibble packing: out[i] = code_i * scale (codes sign-extended when signed),
+ * through a 256-entry table of the two values each byte holds. */
 void fb_int_decode(const uint8_t *nibbles, int64_t n, float scale, int is_signed, float *out,
                    int nthreads) {
+    float pairs[256][2];
+    for (int b = 0; b < 256; b++)
+        for (int k = 0; k < 2; k++) {
+            int code = (b >> (4 * k)) & 0x0F;
+            pairs[b][k] = (float)(is_signed ? (code ^ 8) - 8 : code) * scale;
+        }
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
-        if (is_signed) code = (code ^ 8) - 8;
-        out[i] = (float)code * scale;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        for (int64_t i = lo; i + 1 < hi; i += 2) memcpy(out + i, pairs[nibbles[i / 2]], 8);
+        if ((hi - lo) % 2) out[hi - 1] = pairs[nibbles[(hi - 1) / 2]][0];
     }
 }
 
 /* ---- PACT backward: straight-through inside the clip, the clip level's gradient outside ----
  * d is zeroed where the clip bit is set; top/bottom receive the sums of d over clipped
- * elements whose code is > 0 / < 0. Sums run in double over fixed chunks, added in order. */
-#define SUM_CHUNK 4096
+ * elements whose code is > 0 / < 0. Sums run in double per chunk, chunks added in order. */
 void fb_pact_backward(float *d, int64_t n, const uint8_t *clip, const uint8_t *nibbles, int is_signed,
-                      double *partial, double *top, double *bottom, int nthreads) {
-    int64_t chunks = (n + SUM_CHUNK - 1) / SUM_CHUNK;
+                      double *top, double *bottom, int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+    double *partial = malloc(2 * (chunks + 1) * sizeof(double));
 #pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t end = (c + 1) * SUM_CHUNK < n ? (c + 1) * SUM_CHUNK : n;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
         double t = 0, b = 0;
-        for (int64_t i = c * SUM_CHUNK; i < end; i++) {
+        for (int64_t i = lo; i < hi; i++) {
             if (!((clip[i / 8] >> (i % 8)) & 1)) continue;
             int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
             if (is_signed) code = (code ^ 8) - 8;
@@ -95,14 +125,15 @@ void fb_pact_backward(float *d, int64_t n, const uint8_t *clip, const uint8_t *n
             if (code < 0) b += d[i];
             d[i] = 0.0f;
         }
-        partial[2 * c] = t;
-        partial[2 * c + 1] = b;
+        partial[2 * ch] = t;
+        partial[2 * ch + 1] = b;
     }
     double t = 0, b = 0;
-    for (int64_t c = 0; c < chunks; c++) {
-        t += partial[2 * c];
-        b += partial[2 * c + 1];
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        t += partial[2 * ch];
+        b += partial[2 * ch + 1];
     }
+    free(partial);
     *top = t;
     *bottom = b;
 }
@@ -112,15 +143,34 @@ void fb_pact_backward(float *d, int64_t n, const uint8_t *clip, const uint8_t *n
  * out = q * scale. NaN stays NaN through the table: arithmetic returns quiet NaNs, whose top
  * mantissa bit is set, and the table holds NaN at every such index. Two tables give both
  * phases of two-phase rounding in one pass (table1 / out1 NULL for one). */
-void fb_table_quantize(const float *x, int64_t n, float premul, float scale, const float *table0,
-                       const float *table1, int shift, uint32_t mask, float *out0, float *out1,
+static inline float table_round(float y, const uint32_t *table, int shift, uint32_t mask, float scale) {
+    uint32_t u = bits_of(y);
+    return float_of(table[(u >> shift) & mask] | (u & 0x80000000u)) * scale;
+}
+
+static void table_range(const float *restrict x, int64_t m, float premul, float scale,
+                        const uint32_t *restrict table0, const uint32_t *restrict table1, int shift,
+                        uint32_t mask, float *restrict out0, float *restrict out1) {
+    if (table1) {
+        for (int64_t i = 0; i < m; i++) {
+            float y = (x[i] * premul) / scale;
+            out0[i] = table_round(y, table0, shift, mask, scale);
+            out1[i] = table_round(y, table1, shift, mask, scale);
+        }
+    } else {
+        for (int64_t i = 0; i < m; i++) out0[i] = table_round((x[i] * premul) / scale, table0, shift, mask, scale);
+    }
+}
+
+void fb_table_quantize(const float *x, int64_t n, float premul, float scale, const uint32_t *table0,
+                       const uint32_t *table1, int shift, uint32_t mask, float *out0, float *out1,
                        int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float y = (x[i] * premul) / scale;
-        uint32_t u = bits_of(y), index = (u >> shift) & mask, sign = u & 0x80000000u;
-        out0[i] = float_of(bits_of(table0[index]) | sign) * scale;
-        if (table1) out1[i] = float_of(bits_of(table1[index]) | sign) * scale;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        table_range(x + lo, hi - lo, premul, scale, table0, table1, shift, mask, out0 + lo,
+                    table1 ? out1 + lo : NULL);
     }
 }
 
@@ -197,14 +247,26 @@ void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t col
     }
 }
 
-/* max |x| over the finite elements (0 when none): NVFP4's tensor scale. */
-float fb_finite_amax(const float *x, int64_t n, int nthreads) {
+/* max |x|, on the bit patterns: NaN's are above inf's, so a NaN anywhere gives NaN (like
+ * torch.amax). finite_only skips NaN and inf (0 when nothing is left): NVFP4's tensor amax. */
+static uint32_t abs_max_range(const uint32_t *restrict x, int64_t m, uint32_t limit) {
     uint32_t amax = 0;
+    for (int64_t i = 0; i < m; i++) {
+        uint32_t u = x[i] & 0x7FFFFFFFu;
+        u &= -(uint32_t)(u < limit); /* a mask, not a select: gcc vectorizes only this form */
+        amax = amax > u ? amax : u;
+    }
+    return amax;
+}
+
+float fb_abs_max(const uint32_t *x, int64_t n, int finite_only, int nthreads) {
+    uint32_t limit = finite_only ? 0x7F800000u : 0xFFFFFFFFu, amax = 0;
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(nthreads) reduction(max : amax) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        uint32_t u = bits_of(x[i]) & 0x7FFFFFFFu;
-        u = u < 0x7F800000u ? u : 0;
-        amax = u > amax ? u : amax;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        uint32_t m = abs_max_range(x + lo, hi - lo, limit);
+        amax = m > amax ? m : amax;
     }
     return float_of(amax);
 }

@@ -37,14 +37,14 @@ _i64, _int, _f32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "fb_int_quantize": (_i64, [_f32p, _i64, _f32, _f32, _f32, _f32, _f32, _f32p, _u8p, _u8p, _int, _int]),
     "fb_int_decode": (None, [_u8p, _i64, _f32, _int, _f32p, _int]),
-    "fb_pact_backward": (None, [_f32p, _i64, _u8p, _u8p, _int, _f64p, _f64p, _f64p, _int]),
+    "fb_pact_backward": (None, [_f32p, _i64, _u8p, _u8p, _int, _f64p, _f64p, _int]),
     "fb_table_quantize": (
         None,
         [_f32p, _i64, _f32, _f32, _f32p, _f32p, _int, ctypes.c_uint32, _f32p, _f32p, _int],
     ),
     "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _int]),
     "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
-    "fb_finite_amax": (_f32, [_f32p, _i64, _int]),
+    "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -115,9 +115,14 @@ def scalar(scale) -> float | None:
     return float(scale)
 
 
+def available() -> bool:
+    """Whether the kernels are loaded (the one switch: tests turn them off here)."""
+    return library() is not None
+
+
 def applies(x: Tensor) -> bool:
     """Whether the kernels serve `x`: a CPU float32 tensor, and the library is loaded."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and library() is not None
+    return x.device.type == "cpu" and x.dtype == torch.float32 and available()
 
 
 def _ptr(t: Tensor | None, kind):
@@ -160,14 +165,12 @@ def int_decode(nibbles: Tensor, shape: torch.Size, scale: float, signed: bool) -
 
 
 def pact_backward(d: Tensor, clip_bits: Tensor, nibbles: Tensor, signed: bool) -> tuple[Tensor, float, float]:
-    """(d zeroed where clipped, sum of d where clipped at the top, same at the bottom)."""
-    d = d.float().contiguous().clone()
-    chunks = -(-d.numel() // 4096)
-    partial = torch.empty(2 * chunks, dtype=torch.float64)
+    """(d zeroed where clipped, sum of d where clipped at the top, same at the bottom);
+    d, a contiguous float32 tensor, is changed in place."""
     top, bottom = ctypes.c_double(), ctypes.c_double()
     library().fb_pact_backward(
         _ptr(d, _f32p), d.numel(), _ptr(clip_bits, _u8p), _ptr(nibbles, _u8p), int(signed),
-        _ptr(partial, _f64p), ctypes.byref(top), ctypes.byref(bottom), _threads(),
+        ctypes.byref(top), ctypes.byref(bottom), _threads(),
     )  # fmt: skip
     return d, top.value, bottom.value
 
@@ -209,10 +212,11 @@ def block_quantize(y: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: 
     return out
 
 
-def finite_amax(x: Tensor) -> Tensor:
-    """max |x| over the finite elements of `x` (0 when there are none), a float32 scalar."""
+def abs_max(x: Tensor, finite_only: bool = False) -> Tensor:
+    """max |x| as a float32 scalar: NaN if x holds one, unless `finite_only`, which skips NaN
+    and ±inf (0 when nothing is left)."""
     x = x.contiguous()
-    return torch.tensor(library().fb_finite_amax(_ptr(x, _f32p), x.numel(), _threads()))
+    return torch.tensor(library().fb_abs_max(_ptr(x, _f32p), x.numel(), int(finite_only), _threads()))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fourbit.formats import IntFormat
-from fourbit.nn.quant import Packed, operand_scale, pack_bits, quantize_operand, unpack_bits
-from fourbit.nn.spec import OperandSpec
+from fourbit.formats import IntFormat, LogFormat, kernels
+from fourbit.nn.quant import (
+    Packed,
+    abs_max,
+    operand_scale,
+    quantize_int_operand,
+    quantize_operand,
+    unpack_bits,
+)
+from fourbit.nn.spec import LayerSpec, OperandSpec
 
 FP16_CHUNK = 64  # reduction elements per fp16 partial sum (SPEC §4)
 HADAMARD_SIZE = 16
@@ -129,24 +136,52 @@ def _quantize_forward_operand(
         values, packed = quantize_operand(spec.fmt, x, scale, 0, spec.rounding, generator, axis, keep)
         return _Operand(values, packed)
     grid = IntFormat(spec.fmt.bits, signed=pact_signed, symmetric=pact_signed)
-    lo = -alpha if pact_signed else torch.zeros_like(alpha)
-    x = x.float()
-    y = torch.minimum(torch.maximum(x, lo), alpha)
-    values, packed = quantize_operand(grid, y, alpha / grid.qmax, 0, spec.rounding, generator, axis, keep)
-    clipped = None
-    if keep:
-        clipped = pack_bits((x >= alpha) | ((x <= lo) if pact_signed else (x < lo)))
+    clip = (-alpha if pact_signed else torch.zeros_like(alpha), alpha)
+    scale = alpha / grid.qmax
+    values, packed, clipped = quantize_int_operand(grid, x, scale, spec.rounding, generator, keep, clip)
     return _Operand(values, packed, clipped, pact_signed)
 
 
-def _pact_backward(d: Tensor, x_shape, clip_bits: Tensor, values: Tensor, signed: bool):
-    """STE: pass d inside the clip; dα sums d where clipped at the top (minus the bottom)."""
-    clipped = unpack_bits(clip_bits, x_shape)
-    top = clipped & (values > 0)
-    dalpha = d[top].sum()
+def _pact_backward(d: Tensor, clip_bits: Tensor, operand: Packed, signed: bool):
+    """STE: pass d inside the clip; dα sums d where clipped at the top (minus the bottom),
+    in float64. `operand` is the clipped operand as saved (its sign tells top from bottom)."""
+    if operand.codes_dtype is not None and kernels.applies(d):
+        d, top, bottom = kernels.pact_backward(d.contiguous(), clip_bits, operand.codes, signed)
+        return d, torch.tensor(top - bottom if signed else top, dtype=torch.float32)
+    clipped = unpack_bits(clip_bits, operand.shape)
+    values = operand.unpack()
+    dalpha = torch.where(clipped & (values > 0), d, 0).sum(dtype=torch.float64)
     if signed:
-        dalpha = dalpha - d[clipped & (values < 0)].sum()
-    return torch.where(clipped, torch.zeros_like(d), d), dalpha
+        dalpha = dalpha - torch.where(clipped & (values < 0), d, 0).sum(dtype=torch.float64)
+    return torch.where(clipped, torch.zeros_like(d), d), dalpha.float()
+
+
+def _quantize_gradients(spec: LayerSpec, dy: Tensor, s: Tensor, need: tuple[bool, bool], ops, signs, gen):
+    """Q_G of s·dY, twice: on grad_dx at phase_dx for the dX GEMM, on grad_dw at phase_dw for
+    the dW GEMM (two-phase rounding; NVFP4 first turns the dW one with the random Hadamard).
+    Returns (g_dx, g_dw), None where that GEMM is not needed. Log grids with table rounding
+    read dY once for both (formats/kernels.c); the same values as the torch path below."""
+    phase_dx, phase_dw = spec.phases()
+    quants = [(spec.grad_dx, phase_dx, ops.g_da), (spec.grad_dw, phase_dw, ops.g_db)]
+    tables = [_log_table(op, phase) for (op, phase, _), n in zip(quants, need, strict=True) if n]
+    same_grid = len({(t[1], t[2]) for t in tables if t is not None}) == 1
+    if not spec.hadamard_dw and same_grid and None not in tables and kernels.applies(dy):
+        outs = iter(kernels.table_quantize(dy, [t[0] for t in tables], *tables[0][1:], premul=float(s)))
+        return tuple(next(outs) if n else None for n in need)
+    g = dy * s
+    g_for_dw = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw and need[1] else g
+    return tuple(
+        quantize_operand(op.fmt, x, None, phase, op.rounding, gen, axis, keep=False)[0] if n else None
+        for (op, phase, axis), x, n in zip(quants, (g, g_for_dw), need, strict=True)
+    )
+
+
+def _log_table(op: OperandSpec, phase: int):
+    """(table, shift, mask) when op's grid rounds by table look-up (LogFormat), else None."""
+    fmt, rounding = op.fmt, op.rounding or "nearest"
+    if isinstance(fmt, LogFormat) and fmt.table_lookup(rounding):
+        return fmt.table(phase, rounding, "cpu")
+    return None
 
 
 class QuantizedGemm(torch.autograd.Function):
@@ -205,22 +240,16 @@ class QuantizedGemm(torch.autograd.Function):
 
         # GradScale: the scale s for this gradient (and the layer's scale for the next one)
         dy = dy.float()
-        s = state.gradscale(dy.abs().amax() if dy.numel() else torch.zeros(()))
-        g = dy * s
-        phase_dx, phase_dw = spec.phases()
+        s = state.gradscale(abs_max(dy))
+
+        # Q_G: s·dY for the dX GEMM (phase_dx) and for the dW GEMM (phase_dw)
+        g_dx, g_dw = _quantize_gradients(spec, dy, s, (need_da, need_db), ops, signs, gen)
 
         da = db = None
         if need_da:
-            # Q_G for the dX GEMM: phase_dx (two-phase rounding)
-            gx_fmt, gx_rounding = spec.grad_dx.fmt, spec.grad_dx.rounding
-            g_dx = quantize_operand(gx_fmt, g, None, phase_dx, gx_rounding, gen, ops.g_da, keep=False)[0]
             b_q = b_for_da.unpack()
             da = _gemm(ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape) / s
         if need_db:
-            # Q_G for the dW GEMM: phase_dw; NVFP4 first turns it with the random Hadamard
-            g_w = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw else g
-            gw_fmt, gw_rounding = spec.grad_dw.fmt, spec.grad_dw.rounding
-            g_dw = quantize_operand(gw_fmt, g_w, None, phase_dw, gw_rounding, gen, ops.g_db, keep=False)[0]
             a_q = a_for_db.unpack()
             db = _gemm(
                 ops.grad_b, a_q, g_dw, ops.a_db, ops.g_db, ops.db_slice(g_dw), spec.accumulate, b_shape
@@ -231,9 +260,9 @@ class QuantizedGemm(torch.autograd.Function):
         # PACT: straight-through inside the clip, and the gradient of the clip level alpha
         dalpha_a = dalpha_b = None
         if a_pact and da is not None:
-            da, dalpha_a = _pact_backward(da, a_shape, a_clipped, a_for_db.unpack(), a_signed)
+            da, dalpha_a = _pact_backward(da, a_clipped, a_for_db, a_signed)
         if b_pact and db is not None:
-            db, dalpha_b = _pact_backward(db, b_shape, b_clipped, b_for_da.unpack(), b_signed)
+            db, dalpha_b = _pact_backward(db, b_clipped, b_for_da, b_signed)
         da = None if da is None or not ctx.needs_input_grad[0] else da.to(a_dtype)
         db = None if db is None or not ctx.needs_input_grad[1] else db.to(b_dtype)
         return da, db, dalpha_a, dalpha_b, None, None, None

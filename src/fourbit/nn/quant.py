@@ -9,13 +9,14 @@ holding NaN (no integer code can hold NaN; the NaN must reach the loss).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from fourbit.formats import BlockCodes, BlockFormat, Format
+from fourbit.formats import BlockCodes, BlockFormat, Format, IntFormat, kernels
 from fourbit.nn.spec import OperandSpec
 from fourbit.scaling import max_scale, sawb_scale
 
@@ -90,8 +91,19 @@ class Packed:
             return fmt.decode(self.codes).reshape(self.shape)
         codes = self.codes
         if self.codes_dtype is not None:
+            scale = kernels.scalar(self.scale)
+            fast = isinstance(fmt, IntFormat) and codes.device.type == "cpu" and kernels.available()
+            if fast and scale is not None:
+                return kernels.int_decode(codes, self.shape, scale, fmt.signed)
             codes = unpack_nibbles(codes, self.shape, self.codes_dtype)
         return fmt.decode(codes, self.scale)
+
+
+def abs_max(x: Tensor) -> Tensor:
+    """max |x| as a float32 scalar: NaN if x holds one, 0 for an empty x."""
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device)
+    return kernels.abs_max(x) if kernels.applies(x) else x.abs().amax()
 
 
 def operand_scale(spec: OperandSpec, x: Tensor) -> Tensor | float | None:
@@ -131,6 +143,8 @@ def quantize_operand(
         enc = fmt.encode(x, scale, phase, rounding, generator, axis=axis)
         return fmt.decode(enc), (Packed(fmt, x.shape, codes=enc) if keep else None)
     scale = 1.0 if scale is None else scale
+    if isinstance(fmt, IntFormat) and fmt.bits <= 4:
+        return quantize_int_operand(fmt, x, scale, rounding, generator, keep)[:2]
     if not keep or bool(torch.isnan(x).any()):
         values = fmt.quantize(x, scale, phase, rounding, generator)
         return values, (Packed(fmt, x.shape, values=values) if keep else None)
@@ -139,3 +153,53 @@ def quantize_operand(
     if fmt.bits <= 4:
         return values, Packed(fmt, x.shape, pack_nibbles(codes), codes.dtype, scale)
     return values, Packed(fmt, x.shape, codes, None, scale)
+
+
+def quantize_int_operand(
+    grid: IntFormat,
+    x: Tensor,
+    scale: Tensor | float,
+    rounding: str | None = None,
+    generator: torch.Generator | None = None,
+    keep: bool = True,
+    clip: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Packed | None, Tensor | None]:
+    """(values, Packed if `keep`, clip bits if `keep` and `clip`) of x on a 4-bit INT grid.
+
+    With clip = (lo, hi) (PACT), x is first clipped to [lo, hi]; a clip bit marks x >= hi,
+    or x <= lo for a signed grid (x < lo for unsigned): the elements PACT's backward masks.
+    One kernel pass does it all on CPU float32 (nearest rounding); the same in torch ops
+    otherwise."""
+    x = x.float()
+    signed = grid.signed
+    if (grid.roundings[0] if rounding is None else rounding) == "nearest" and kernels.applies(x):
+        lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (-math.inf, math.inf)
+        values, nibbles, clip_bits, nans = kernels.int_quantize(
+            x,
+            float(scale),
+            grid.qmin,
+            grid.qmax,
+            lo,
+            hi,
+            signed,
+            codes=keep,
+            clip_bits=keep and clip is not None,
+        )
+        if not keep:
+            return values, None, None
+        packed = Packed(grid, x.shape, nibbles, torch.int8 if signed else torch.uint8, scale)
+        return values, (Packed(grid, x.shape, values=values) if nans else packed), clip_bits
+
+    y = x if clip is None else torch.minimum(torch.maximum(x, clip[0]), clip[1])
+    if not keep or bool(torch.isnan(y).any()):
+        values = grid.quantize(y, scale, 0, rounding, generator)
+        packed = Packed(grid, x.shape, values=values) if keep else None
+    else:
+        codes = grid.encode(y, scale, 0, rounding, generator)
+        values = grid.decode(codes, scale)
+        packed = Packed(grid, x.shape, pack_nibbles(codes), codes.dtype, scale)
+    clip_bits = None
+    if keep and clip is not None:
+        lo, hi = clip
+        clip_bits = pack_bits((x >= hi) | ((x <= lo) if signed else (x < lo)))
+    return values, packed, clip_bits
