@@ -293,7 +293,9 @@ class _StopSignals:
         self.signum: int | None = None
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # signal() works there only
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                previous = signal.signal(s, self._handle)
+                self.previous[s] = signal.SIG_DFL if previous is None else previous  # None: set in C
         return self
 
     def _handle(self, signum, frame):
