@@ -212,9 +212,9 @@ class StepGuard:
 
     def counts(self) -> Tensor:
         """Every layer's non-finite gradient count, as one tensor (no host sync)."""
-        return (
-            torch.stack(list(self.counters.values())) if self.counters else torch.zeros(0, dtype=torch.int64)
-        )
+        if not self.counters:  # e.g. a model with no quantized layer
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.stack(list(self.counters.values()))
 
     def bad_gradients(self, counts_before: Tensor) -> str | None:
         """None when every gradient of the backward pass was finite; else where it was not."""
@@ -266,11 +266,7 @@ def train_step(model, opt, sched, task: tasks.Task, batch, guard: StepGuard) -> 
         guard.restore(before)  # so the rerun sees exactly this step's forward
         where = first_nonfinite_output(model, task, batch)
         guard.restore(before)
-        return (
-            value,
-            n,
-            f"loss is {value} (fp32 overflow in the forward pass); first non-finite output: {where}",
-        )
+        return value, n, f"loss is {value}; the first non-finite output of the forward pass: {where}"
     counts = guard.counts()
     opt.zero_grad(set_to_none=True)
     loss.backward()
