@@ -92,7 +92,9 @@ class QLSTM(nn.LSTM):
     def _run_direction(self, x: Tensor, name: str, h: Tensor, c: Tensor, reverse: bool):
         w_ih, w_hh = getattr(self, f"weight_ih_{name}"), getattr(self, f"weight_hh_{name}")
         T, B, _ = x.shape
-        gates_x = self.quant[f"{name}_ih"].gemm(x.reshape(T * B, -1), w_ih, linear_ops()).reshape(T, B, -1)
+        # explicit sizes, not -1: a batch of 0 (which nn.LSTM takes) leaves -1 ambiguous
+        flat = x.reshape(T * B, x.shape[-1])
+        gates_x = self.quant[f"{name}_ih"].gemm(flat, w_ih, linear_ops()).reshape(T, B, w_ih.shape[0])
         if self.bias:
             gates_x = gates_x + getattr(self, f"bias_ih_{name}") + getattr(self, f"bias_hh_{name}")
         recurrent = self.quant[f"{name}_hh"]
