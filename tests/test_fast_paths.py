@@ -10,7 +10,7 @@ from fourbit import formats
 from fourbit.formats import BlockFormat, kernels
 from fourbit.nn import QMatmul
 from fourbit.nn.gemm import _pact_backward
-from fourbit.nn.quant import quantize_int_operand
+from fourbit.nn.quant import quantize_int_operand, quantize_operand
 from test_engine_training import LSTMNet, SmallResNet, _lstm_batch, _resnet_batch
 
 LOG_FORMATS = ["fp4_radix2", "fp4_radix4", "fp4_radix8"]
@@ -214,3 +214,17 @@ def test_int_operand_kernel_equals_the_definition(signed, clipped):
         ref = quantize_int_operand(grid, with_nan, scale, clip=clip)
     assert fast[1].values is not None and ref[1].values is not None  # NaN must reach the loss
     _same_bits(fast[1].unpack(), ref[1].unpack())
+
+
+@pytest.mark.parametrize("name", [n for n in formats.names() if not isinstance(formats.get(n), BlockFormat)])
+def test_saved_operands_equal_the_definition(name):
+    fmt = formats.get(name)
+    x = _inputs()
+    x = x[~x.isnan()]
+    for scale in (1.0, torch.tensor(0.37)):
+        fast_values, fast_packed = quantize_operand(fmt, x, scale)
+        with pure_torch():
+            ref_values, ref_packed = quantize_operand(fmt, x, scale)
+        _same_bits(fast_values, ref_values)
+        _same_bits(fast_packed.unpack(), ref_packed.unpack())
+        _same_bits(fast_packed.unpack(), fast_values)

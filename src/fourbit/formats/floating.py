@@ -11,6 +11,13 @@ from fourbit.formats import kernels
 from fourbit.formats.base import Format, ScaleLike, exp2i, floor_log2, random_uniform, round_half_even
 
 SPECIALS = ("ieee", "fn", "finite")
+# (exponent bits, mantissa bits, bias, specials) -> the torch dtype with that grid
+_TORCH_DTYPES = {
+    (5, 10, 15, "ieee"): torch.float16,
+    (8, 7, 127, "ieee"): torch.bfloat16,
+    (4, 3, 7, "fn"): torch.float8_e4m3fn,
+    (5, 2, 15, "ieee"): torch.float8_e5m2,
+}
 
 
 @dataclass(frozen=True, repr=False)
@@ -113,6 +120,19 @@ class FloatFormat(Format):
             q = torch.where(a < n, torch.where(a >= n / 2, n, 0.0), q)
         q = torch.where((q > self._max) | torch.isinf(a), torch.full_like(q, self._overflow_value), q)
         return torch.where(torch.isnan(y), y, torch.copysign(q, y))
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        """The torch dtype holding exactly this grid, when there is one (then, clamped to
+        ±max_value, its cast is `nearest` rounding with saturation: see `cast`)."""
+        if not self.subnormals or self.max_value_override is not None:
+            return None
+        key = (self.exponent_bits, self.mantissa_bits, self.bias, self.specials)
+        return _TORCH_DTYPES.get(key)
+
+    def cast(self, y: Tensor) -> Tensor:
+        """y (float32, unit scale) rounded onto this grid, as a `torch_dtype` tensor; saturating."""
+        return y.clamp(-self._max, self._max).to(self.torch_dtype)
 
     @property
     def _overflow_value(self) -> float:

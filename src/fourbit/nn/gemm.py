@@ -184,29 +184,46 @@ def _log_table(op: OperandSpec, phase: int):
     return None
 
 
+@dataclass
+class QuantizedB:
+    """Operand B quantized for the forward GEMM, and as the dA GEMM reads it."""
+
+    forward: _Operand
+    for_da: Packed | None
+
+
+def quantize_b(state, b: Tensor, alpha_b: Tensor | None, ops: GemmOps, gen, keep: bool) -> QuantizedB:
+    """Q_W (or Q_A of a second activation) of B. Block formats block along the reduction
+    axis, which differs per GEMM: B for the dA GEMM is quantized again along its own."""
+    spec_b = state.spec.activation if ops.b_is_activation else state.spec.weight
+    qb = _quantize_forward_operand(spec_b, b, alpha_b, state.signed("b"), ops.b_fwd, gen, keep)
+    b_for_da = qb.packed
+    if keep and spec_b.is_block and len(spec_b.fmt.block_shape) == 1:
+        b_for_da = quantize_operand(spec_b.fmt, b, None, 0, spec_b.rounding, gen, ops.b_da)[1]
+    return QuantizedB(qb, b_for_da)
+
+
 class QuantizedGemm(torch.autograd.Function):
-    """apply(a, b, alpha_a, alpha_b, state, ops, keep) -> y.
+    """apply(a, b, alpha_a, alpha_b, state, ops, keep, held_b) -> y.
 
     `state` is the layer's QuantState (spec, GradScale, PACT signedness, generator);
-    `keep` is False under no_grad / inference, when nothing is saved for backward."""
+    `keep` is False under no_grad / inference, when nothing is saved for backward;
+    `held_b`: B already quantized (a weight reused by every time step of an LSTM), or None."""
 
     @staticmethod
-    def forward(ctx, a, b, alpha_a, alpha_b, state, ops: GemmOps, keep: bool):
+    def forward(ctx, a, b, alpha_a, alpha_b, state, ops: GemmOps, keep: bool, held_b: QuantizedB | None):
         spec = state.spec
-        spec_b = spec.activation if ops.b_is_activation else spec.weight
         gen = state.take_generator()
 
         # quantization points of the forward GEMM
         qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
-        qb = _quantize_forward_operand(spec_b, b, alpha_b, state.signed("b"), ops.b_fwd, gen, keep)
+        quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
+        qb = quantized_b.forward
         y = _gemm(ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate)
 
         if keep:
-            # block formats block along the reduction axis, which differs per GEMM: B for
-            # the dA GEMM and A for the dB GEMM are quantized again along theirs
-            b_for_da, a_for_db = qb.packed, qa.packed
-            if spec_b.is_block and len(spec_b.fmt.block_shape) == 1:
-                b_for_da = quantize_operand(spec_b.fmt, b, None, 0, spec_b.rounding, gen, ops.b_da)[1]
+            # A for the dB GEMM: block formats block it along that GEMM's reduction axis
+            b_for_da, a_for_db = quantized_b.for_da, qa.packed
             signs = torch.zeros(0)
             if spec.hadamard_dw:
                 signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
@@ -265,7 +282,7 @@ class QuantizedGemm(torch.autograd.Function):
             db, dalpha_b = _pact_backward(db, b_clipped, b_for_da, b_signed)
         da = None if da is None or not ctx.needs_input_grad[0] else da.to(a_dtype)
         db = None if db is None or not ctx.needs_input_grad[1] else db.to(b_dtype)
-        return da, db, dalpha_a, dalpha_b, None, None, None
+        return da, db, dalpha_a, dalpha_b, None, None, None, None
 
 
 def _gemm(op, x, y, x_axis, y_axis, per_index, accumulate, shape=None):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fourbit.nn.gemm import GemmOps, QuantizedGemm, conv_ops, linear_ops, matmul_ops
+from fourbit.nn.gemm import GemmOps, QuantizedB, QuantizedGemm, conv_ops, linear_ops, matmul_ops, quantize_b
 from fourbit.nn.spec import FP32_LAYER, LayerSpec
 from fourbit.scaling import PACT, GradScale
 
@@ -49,8 +49,8 @@ class QuantState(nn.Module):
         pact = self.pact_a if operand == "a" else self.pact_b
         return pact is not None and bool(pact.signed)
 
-    def gemm(self, a: Tensor, b: Tensor, ops: GemmOps) -> Tensor:
-        """Run the quantized GEMM family `ops` on (a, b)."""
+    def gemm(self, a: Tensor, b: Tensor, ops: GemmOps, held_b: QuantizedB | None = None) -> Tensor:
+        """Run the quantized GEMM family `ops` on (a, b); `held_b` is b from `hold_weight`."""
         alphas = []
         for pact, x in ((self.pact_a, a), (self.pact_b, b)):
             if pact is not None:
@@ -58,7 +58,17 @@ class QuantState(nn.Module):
             alphas.append(pact.clip_level() if pact is not None else None)
         inputs = (a, b, *alphas)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-        return QuantizedGemm.apply(a, b, *alphas, self, ops, keep)
+        return QuantizedGemm.apply(a, b, *alphas, self, ops, keep, held_b)
+
+    def hold_weight(self, w: Tensor, ops: GemmOps) -> QuantizedB:
+        """The weight w quantized once, for several `gemm(..., held_b=)` calls that would
+        each quantize the same w the same way (an LSTM's recurrent weight, every step)."""
+        keep = torch.is_grad_enabled() and w.requires_grad
+        gen = self.take_generator()
+        with torch.no_grad():
+            held = quantize_b(self, w, None, ops, gen, keep)
+        self.return_generator(gen)
+        return held
 
     def extra_repr(self) -> str:
         w, a, g = self.spec.describe()

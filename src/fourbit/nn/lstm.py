@@ -97,10 +97,11 @@ class QLSTM(nn.LSTM):
         gates_x = self.quant[f"{name}_ih"].gemm(flat, w_ih, linear_ops()).reshape(T, B, w_ih.shape[0])
         if self.bias:
             gates_x = gates_x + getattr(self, f"bias_ih_{name}") + getattr(self, f"bias_hh_{name}")
-        recurrent = self.quant[f"{name}_hh"]
+        recurrent, ops = self.quant[f"{name}_hh"], linear_ops()
+        w_hh_q = recurrent.hold_weight(w_hh, ops)  # W_hh is the same at every step: quantized once
         outputs = [None] * T
         for t in reversed(range(T)) if reverse else range(T):
-            gates = gates_x[t] + recurrent.gemm(h, w_hh, linear_ops())
+            gates = gates_x[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q)
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)

@@ -1,9 +1,10 @@
 """Quantizing one GEMM operand, and keeping it compactly for backward.
 
 `quantize_operand` returns the dequantized float32 values (what the emulated GEMM uses)
-and a `Packed` form (what autograd saves): 4-bit codes two per byte plus the scale, or the
-format's own codes, never a float32 copy — except for float32 operands, and for a tensor
-holding NaN (no integer code can hold NaN; the NaN must reach the loss).
+and a `Packed` form (what autograd saves): 4-bit codes two per byte plus the scale, the
+values in their own torch dtype (fp16, bf16, fp8), or the format's own codes; never a
+float32 copy, except for float32 operands and a tensor holding NaN under an integer grid
+(no integer code holds NaN, and the NaN must reach the loss).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fourbit.formats import BlockCodes, BlockFormat, Format, IntFormat, kernels
+from fourbit.formats import BlockCodes, BlockFormat, FloatFormat, Format, IntFormat, kernels
 from fourbit.nn.spec import OperandSpec
 from fourbit.scaling import max_scale, sawb_scale
 
@@ -90,6 +91,8 @@ class Packed:
         if isinstance(fmt, BlockFormat):
             return fmt.decode(self.codes).reshape(self.shape)
         codes = self.codes
+        if codes.is_floating_point():  # a FloatFormat's values in its own torch dtype
+            return codes.float() * self.scale
         if self.codes_dtype is not None:
             scale = kernels.scalar(self.scale)
             fast = isinstance(fmt, IntFormat) and codes.device.type == "cpu" and kernels.available()
@@ -104,6 +107,12 @@ def abs_max(x: Tensor) -> Tensor:
     if x.numel() == 0:
         return torch.zeros((), device=x.device)
     return kernels.abs_max(x) if kernels.applies(x) else x.abs().amax()
+
+
+def _castable(fmt: Format, rounding: str | None) -> bool:
+    """Whether fmt's nearest rounding is a saturating torch cast (FloatFormat.cast)."""
+    saturating = isinstance(fmt, FloatFormat) and fmt.overflow == "saturate"
+    return saturating and fmt.torch_dtype is not None and rounding in (None, "nearest")
 
 
 def operand_scale(spec: OperandSpec, x: Tensor) -> Tensor | float | None:
@@ -145,6 +154,9 @@ def quantize_operand(
     scale = 1.0 if scale is None else scale
     if isinstance(fmt, IntFormat) and fmt.bits <= 4:
         return quantize_int_operand(fmt, x, scale, rounding, generator, keep)[:2]
+    if keep and _castable(fmt, rounding) and kernels.available():  # fp16, bf16, fp8: a torch cast
+        codes = fmt.cast(x / scale)
+        return codes.float() * scale, Packed(fmt, x.shape, codes, None, scale)
     if not keep or bool(torch.isnan(x).any()):
         values = fmt.quantize(x, scale, phase, rounding, generator)
         return values, (Packed(fmt, x.shape, values=values) if keep else None)
