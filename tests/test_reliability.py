@@ -167,7 +167,8 @@ def test_too_many_bad_steps_in_a_row_stop_with_a_loadable_checkpoint(data, tmp_p
     assert ckpt["model"]["stem.0.quant.gradscale.nonfinite"].item() == 3
 
 
-def test_a_forward_overflow_names_the_layer(data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("recipe", ["fp32", "ibm4"])
+def test_a_forward_overflow_names_the_layer(recipe, data, tmp_path, monkeypatch, capsys):
     real = train_module.train_step
     calls = [0]
 
@@ -180,8 +181,8 @@ def test_a_forward_overflow_names_the_layer(data, tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(train_module, "train_step", overflow_at_step_2)
     with pytest.raises(RunStopped, match="2 steps in a row skipped") as stopped:
-        # fp32: under ibm4 SAWB's scale of that weight would be inf, which the quantizer refuses
-        train(_config(data, "fp32", max_skipped_steps=2), tmp_path / "run", progress=False)
+        # ibm4: SAWB's scale of that weight overflows, and the layer's output is NaN
+        train(_config(data, recipe, max_skipped_steps=2), tmp_path / "run", progress=False)
     assert stopped.value.exit_code == 3
     err = capsys.readouterr().err
     assert "epoch 1, step 2: skipped: loss is nan; the first non-finite output of the forward pass: " in err

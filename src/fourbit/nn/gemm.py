@@ -133,6 +133,11 @@ def _quantize_forward_operand(
     """Q_A / Q_W: PACT clips to [0, α] (or [-α, α]) on the INT grid; other scalers just scale."""
     if spec.scaler != "pact":
         scale = operand_scale(spec, x)
+        if isinstance(scale, Tensor) and not bool(torch.isfinite(scale)):
+            # x holds inf/NaN or overflows its statistics: NaN, so the loss shows it (the
+            # training loop then skips the step and names the layer), not a ValueError here
+            nan = torch.full(x.shape, float("nan"), device=x.device)
+            return _Operand(nan, Packed(None, x.shape, values=nan) if keep else None)
         values, packed = quantize_operand(spec.fmt, x, scale, 0, spec.rounding, generator, axis, keep)
         return _Operand(values, packed)
     grid = IntFormat(spec.fmt.bits, signed=pact_signed, symmetric=pact_signed)
