@@ -10,6 +10,7 @@ from torch import nn
 
 import fourbit
 from fourbit import distributed
+from fourbit.nn.quant import unpack_nibbles
 
 STEPS, FEEDBACK_STEPS = 4, 16
 
@@ -21,7 +22,7 @@ def rel_error(a, b):
 # -- the wire format ------------------------------------------------------------------------
 def test_encode_hand_worked_chunks():
     x = torch.tensor([[3.0, 0.125, -0.05, 0.0, 1.5, 0.4, 0.4, -0.4, 1.0, -0.3]])
-    message = distributed.encode(x, chunk=4)
+    message, values = distributed.encode(x, chunk=4)
     assert message.dtype == torch.uint8 and message.shape == (1, 5 + 3)  # 10 codes in 5 bytes, 3 scales
     assert message[0, 5:].view(torch.int8).tolist() == [1, 1, 0]  # scales 2, 2, 1
     # chunk 1, grid 2, 1/2, 1/8, 1/32, ...: 3 saturates to 2, 0.125 -> 1/8, -0.05 -> -1/32
@@ -29,13 +30,18 @@ def test_encode_hand_worked_chunks():
     # chunk 2: on scale 2, 1.5 -> 2 and 0.4 -> 1/2 (above 0.3125): error 0.28; on scale 1,
     # 1.5 -> 1 and 0.4 -> 1/4: 0.3175. chunk 3 (padded with two zeros): 1 -> 1, -0.3 -> -1/4
     expected = torch.tensor([[2.0, 0.125, -0.03125, 0.0, 2.0, 0.5, 0.5, -0.5, 1.0, -0.25]])
+    assert torch.equal(values, expected)
+    scales = torch.tensor([2.0] * 8 + [1.0] * 2)
+    codes = unpack_nibbles(message[0, :5], torch.Size([10]), torch.uint8)
+    assert torch.equal(codes, distributed.FP4.encode(x[0], scales))  # FP4's own codes on the wire
     assert torch.equal(distributed.decode(message, 10, chunk=4), expected)
 
 
 def test_encode_is_fp4_quantize_on_the_better_of_two_powers_of_two_per_chunk():
     x = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
     x *= torch.tensor([[1e-30], [1.0], [1e30]])
-    decoded = distributed.decode(distributed.encode(x, chunk=256), 1000, chunk=256)
+    message, decoded = distributed.encode(x, chunk=256)
+    assert torch.equal(distributed.decode(message, 1000, chunk=256), decoded)
     for row, out in zip(x, decoded, strict=True):
         for start in range(0, 1000, 256):  # the last chunk holds 232 elements
             chunk = row[start : start + 256]
@@ -48,7 +54,8 @@ def test_encode_is_fp4_quantize_on_the_better_of_two_powers_of_two_per_chunk():
 def test_nan_or_inf_chunk_arrives_as_nan_and_nothing_else_does():
     x = torch.ones(1, 12)
     x[0, 1], x[0, 9] = torch.nan, torch.inf
-    out = distributed.decode(distributed.encode(x, chunk=4), 12, chunk=4)
+    message, out = distributed.encode(x, chunk=4)
+    torch.testing.assert_close(distributed.decode(message, 12, chunk=4), out, rtol=0, atol=0, equal_nan=True)
     assert out[0, :4].isnan().all() and out[0, 8:].isnan().all()
     assert torch.equal(out[0, 4:8], torch.ones(4))
 
@@ -74,7 +81,7 @@ def test_error_feedback_on_one_process(one_process_group):
     g = torch.randn(2, 500, generator=torch.Generator().manual_seed(1))
     # handed over in another order than the model's, as DDP may: laid out in the model's
     out = state.allreduce([("b", g[1].reshape(20, 25)), ("a", g[0])])
-    q = distributed.decode(distributed.encode(g.reshape(1, -1)), 1000)[0]
+    q = distributed.encode(g.reshape(1, -1))[1][0]
     assert torch.equal(out, torch.cat([q[500:], q[:500]]))
     assert torch.equal(state.residuals["sent"]["b"], (g[1] - q[500:]).reshape(20, 25))
     assert state.bytes_sent == 0 and state.fp32_bytes == 0  # nothing leaves one process

@@ -9,17 +9,18 @@ per byte, one power-of-two scale byte per CHUNK elements), in two steps like a
 reduce-scatter followed by an all-gather: each rank sends shard j of its bucket to rank j
 (all_to_all), rank j decodes the N shards, averages them in rank order and sends the
 quantized average to every rank (all_gather); every rank decodes the same bytes, so the
-ranks stay bit-identical. A rank sends 2·(N-1)·(S/2 + S/CHUNK) bytes for a shard of S =
-numel/N elements, about (1/2 + 1/CHUNK) / 4 = 0.126 of the 2·(N-1)/N·4·numel of an fp32
-ring all-reduce, at any world size (an all-gather of every rank's codes would grow with N).
-Error feedback: what quantization lost this step is added to the next step's gradient.
+ranks stay bit-identical. For a shard of S = numel/N elements a rank sends
+2·(N-1)·(S/2 + ceil(S/CHUNK)) bytes, about (1/2 + 1/CHUNK) / 4 = 0.126 of the
+2·(N-1)/N·4·numel of an fp32 ring all-reduce at any world size N (an all-gather of every
+rank's codes would grow with N), within 1/7 for buckets of more than ~30·N elements.
+Error feedback on both quantizations: what one lost this step is added to the next step's
+input to it (two residuals per parameter, twice the parameters' memory).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -49,13 +50,14 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(rank: int | None = None, world_size: int | None = None, port: int | None = None) -> None:
-    """Join the process group: as `rank` of `world_size` on localhost:`port` (what `launch`
-    does), or, without arguments, from torchrun's environment variables."""
-    if port is not None:
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def init(rank: int | None = None, world_size: int | None = None, rendezvous: str | None = None) -> None:
+    """Join the process group: as `rank` of `world_size`, meeting in the file `rendezvous`
+    (what `launch` does), or, without arguments, from torchrun's environment variables."""
     dist.init_process_group(
-        backend(), rank=-1 if rank is None else rank, world_size=-1 if world_size is None else world_size
+        backend(),
+        init_method=None if rendezvous is None else f"file://{rendezvous}",
+        rank=-1 if rank is None else rank,
+        world_size=-1 if world_size is None else world_size,
     )
     if torch.cuda.is_available():  # one GPU per process; torchrun names it LOCAL_RANK
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
@@ -76,26 +78,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(nproc: int, fn: Callable, *args) -> list:
     """Run fn(*args) on `nproc` new processes joined in one process group; their return
     values, by rank. `fn` must be importable (a module-level function)."""
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(nproc, port, fn, args, tmp), nprocs=nproc)
+        # a file to meet in rather than a TCP port: a free port can be taken before it is used
+        mp.spawn(_worker, args=(nproc, fn, args, tmp), nprocs=nproc)
         # the files are our own children's results, which may hold any picklable object
         return [torch.load(Path(tmp) / f"{r}.pt", weights_only=False) for r in range(nproc)]
 
 
-def _worker(rank: int, nproc: int, port: int, fn: Callable, args: tuple, tmp: str) -> None:
+def _worker(rank: int, nproc: int, fn: Callable, args: tuple, tmp: str) -> None:
     # the processes share the cores; more threads than cores makes OpenMP spin
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nproc))
-    init(rank, nproc, port)
+    init(rank, nproc, str(Path(tmp) / "rendezvous"))
     try:
         result = fn(*args)
     finally:
@@ -183,9 +179,10 @@ def ring_allreduce_bytes(numel: int, world: int, element_size: int = 4) -> float
     return 2 * (world - 1) / world * element_size * numel
 
 
-def encode(x: Tensor, chunk: int = CHUNK) -> Tensor:
-    """float32 rows [rows, L] (L even) -> uint8 messages [rows, L/2 + ceil(L/chunk)]: the
-    radix-4 FP4 codes two per byte, then one int8 exponent e per chunk (scale 2**e).
+def encode(x: Tensor, chunk: int = CHUNK) -> tuple[Tensor, Tensor]:
+    """float32 rows [rows, L] (L even) -> (uint8 messages [rows, L/2 + ceil(L/chunk)], the
+    values they decode to): the radix-4 FP4 codes two per byte, then one int8 exponent e
+    per chunk (scale 2**e).
 
     (choice) e is one of the two powers of two next to the chunk's max |x| / top: the one
     that covers the max (it lands in [top/2, top)) or half of it (the max saturates to
@@ -196,20 +193,20 @@ def encode(x: Tensor, chunk: int = CHUNK) -> Tensor:
     """
     rows, length = x.shape
     chunks = _pad(x, chunk).reshape(rows, -1, chunk)
-    finite = torch.isfinite(chunks).all(-1)
+    amax = chunks.abs().amax(-1)  # NaN or inf where the chunk holds one
+    finite = torch.isfinite(amax)
     chunks = torch.where(finite[..., None], chunks, 0)
-    _, e = torch.frexp(chunks.abs().amax(-1) / FP4.max_value())  # max/top = m·2**e, m in [0.5, 1)
-    covering, saturating = e.clamp(-127, 127), (e - 1).clamp(-127, 127)  # int8, -128 left for NaN
-    e = torch.where(
-        _squared_error(chunks, saturating) <= _squared_error(chunks, covering), saturating, covering
-    )
-    codes = FP4.encode(chunks, exp2i(e)[..., None]).reshape(rows, -1)[:, :length]
+    _, e = torch.frexp(torch.where(finite, amax, 0) / FP4.max_value())  # max/top = m·2**e, m in [0.5, 1)
+    candidates = [(e - 1).clamp(-127, 127), e.clamp(-127, 127)]  # saturating, covering; -128 is NaN's
+    scales = [exp2i(c)[..., None] for c in candidates]
+    units = [FP4.quantize(chunks / s) for s in scales]  # on FP4's unit grid (exact: s is 2**e)
+    errors = [(u * s - chunks).square().sum(-1) for u, s in zip(units, scales, strict=True)]
+    saturate = errors[0] <= errors[1]
+    e, unit = torch.where(saturate, *candidates), torch.where(saturate[..., None], *units)
+    values = torch.where(finite[..., None], unit * exp2i(e)[..., None], torch.nan)
+    codes = _code_of(unit).reshape(rows, -1)[:, :length]
     e = torch.where(finite, e, _NAN_EXPONENT).to(torch.int8).view(torch.uint8)
-    return torch.cat([pack_nibbles(codes).reshape(rows, -1), e], 1)
-
-
-def _squared_error(chunks: Tensor, e: Tensor) -> Tensor:
-    return (FP4.quantize(chunks, exp2i(e)[..., None]) - chunks).square().sum(-1)
+    return torch.cat([pack_nibbles(codes).reshape(rows, -1), e], 1), values.reshape(rows, -1)[:, :length]
 
 
 def decode(message: Tensor, length: int, chunk: int = CHUNK) -> Tensor:
@@ -217,9 +214,23 @@ def decode(message: Tensor, length: int, chunk: int = CHUNK) -> Tensor:
     rows = message.shape[0]
     codes = unpack_nibbles(message[:, : length // 2], torch.Size([rows, length]), torch.uint8)
     e = message[:, length // 2 :].view(torch.int8).to(torch.int32)
-    values = FP4.decode(_pad(codes, chunk).reshape(rows, -1, chunk), exp2i(e)[..., None])
+    unit = _UNIT_VALUES.to(message.device)[_pad(codes, chunk).to(torch.int32)]
+    values = unit.reshape(rows, -1, chunk) * exp2i(e)[..., None]
     values = torch.where((e == _NAN_EXPONENT)[..., None], torch.nan, values)
     return values.reshape(rows, -1)[:, :length]
+
+
+# FP4's 16 codes and their values on the unit grid, as look-up tables: several times faster
+# on whole buckets than FP4.encode / FP4.decode, which work the codes out from exponents
+_UNIT_VALUES = FP4.decode(torch.arange(16, dtype=torch.uint8))
+# each unit grid value is a power of two or ±0: its sign and exponent bits name its code
+_CODES = torch.zeros(512, dtype=torch.uint8)
+_CODES[_UNIT_VALUES.view(torch.int32) >> 23 & 0x1FF] = torch.arange(16, dtype=torch.uint8)
+
+
+def _code_of(unit: Tensor) -> Tensor:
+    """FP4 codes of values on the unit grid."""
+    return _CODES.to(unit.device)[unit.view(torch.int32) >> 23 & 0x1FF]
 
 
 def _pad(x: Tensor, chunk: int) -> Tensor:
@@ -276,44 +287,41 @@ class FP4State:
         sent_residual, mean_residual = (self._load(kind, grads, world * shard) for kind in ("sent", "mean"))
 
         x = (flat + sent_residual).reshape(world, shard)
-        sent = encode(x, self.chunk)
+        sent, q = encode(x, self.chunk)
         received = torch.empty_like(sent)
         dist.all_to_all_single(received, sent, group=self.group)
         # the shard this rank owns: the mean of every rank's part, summed in rank order
         own = slice(me * shard, (me + 1) * shard)
         mean = decode(received, shard, self.chunk).sum(0) / world + mean_residual[own]
-        mine = encode(mean[None], self.chunk)
+        mine, _ = encode(mean[None], self.chunk)
         everyone = sent.new_empty(world, mine.shape[1])
         _all_gather(everyone, mine, group=self.group)
         out = decode(everyone, shard, self.chunk).reshape(-1)
 
-        q = decode(sent, shard, self.chunk).reshape(-1)
-        self._store("sent", grads, torch.where(q.isnan(), sent_residual, x.reshape(-1) - q))
+        x, q = x.reshape(-1), q.reshape(-1)
+        self.residuals["sent"].update(_by_name(torch.where(q.isnan(), sent_residual, x - q), grads))
         kept = torch.zeros_like(mean_residual)
         kept[own] = torch.where(out[own].isnan(), mean_residual[own], mean - out[own])
-        self._store("mean", grads, kept)
+        self.residuals["mean"].update(_by_name(kept, grads))
         self.bytes_sent += 2 * (world - 1) * sent.shape[1]  # all_to_all and ring all-gather
         self.fp32_bytes += ring_allreduce_bytes(n, world)
-        means = dict(
-            zip((name for name, _ in grads), out[:n].split([g.numel() for _, g in grads]), strict=True)
-        )
-        return torch.cat([means[name] for name in given])
+        means = _by_name(out, grads)
+        return torch.cat([means[name].reshape(-1) for name in given])
 
     def _load(self, kind: str, grads: list[tuple[str, Tensor]], length: int) -> Tensor:
         """The residuals of `grads`, laid end to end and padded with zeros to `length`."""
         stored = self.residuals[kind]
         flat = torch.cat(
-            [
-                stored[name].reshape(-1) if name in stored else g.new_zeros(g.numel()).float()
-                for name, g in grads
-            ]
+            [stored[name].reshape(-1) if name in stored else g.new_zeros(g.numel()) for name, g in grads]
         )
-        return nn.functional.pad(flat, (0, length - flat.numel()))
+        return nn.functional.pad(flat.float(), (0, length - flat.numel()))
 
-    def _store(self, kind: str, grads: list[tuple[str, Tensor]], flat: Tensor) -> None:
-        parts = flat[: sum(g.numel() for _, g in grads)].split([g.numel() for _, g in grads])
-        for (name, g), r in zip(grads, parts, strict=True):
-            self.residuals[kind][name] = r.reshape(g.shape)
+
+def _by_name(flat: Tensor, grads: list[tuple[str, Tensor]]) -> dict[str, Tensor]:
+    """The leading elements of `flat` cut into tensors shaped like each of `grads`, by name."""
+    sizes = [g.numel() for _, g in grads]
+    parts = flat[: sum(sizes)].split(sizes)
+    return {name: part.reshape(g.shape) for (name, g), part in zip(grads, parts, strict=True)}
 
 
 # bucket and result unannotated: DDP checks annotations against the classes themselves, and
