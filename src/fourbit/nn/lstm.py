@@ -12,6 +12,28 @@ from fourbit.nn.layers import QuantState, adopt
 from fourbit.nn.spec import FP32_LAYER, LayerSpec
 
 
+class _CellPointwise(torch.autograd.Function):
+    """The cell's float32 elementwise part as one autograd node (not eleven):
+    gates [B, 4H] (i, f, g, o), c [B, H] -> h = σ(o)·tanh(c'), c' = σ(f)·c + σ(i)·tanh(g)."""
+
+    @staticmethod
+    def forward(ctx, gates, c):
+        i, f, g, o = gates.chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        tanh_c = torch.tanh(c_new)
+        ctx.save_for_backward(i, f, g, o, c, tanh_c)
+        return o * tanh_c, c_new
+
+    @staticmethod
+    def backward(ctx, dh, dc_new):
+        i, f, g, o, c, tanh_c = ctx.saved_tensors
+        dc = dh * o * (1 - tanh_c * tanh_c) + dc_new  # autograd passes zeros for an unused output
+        d_i, d_f, d_g, d_o = dc * g, dc * c, dc * i, dh * tanh_c
+        dgates = torch.cat([d_i * i * (1 - i), d_f * f * (1 - f), d_g * (1 - g * g), d_o * o * (1 - o)], -1)
+        return dgates, dc * f
+
+
 class QLSTM(nn.LSTM):
     """Same constructor, parameters, state_dict keys and call as nn.LSTM (no proj_size, no
     PackedSequence). Per layer and direction, two quantized GEMM layers: the input GEMM
@@ -101,9 +123,6 @@ class QLSTM(nn.LSTM):
         w_hh_q = recurrent.hold_weight(w_hh, ops)  # W_hh is the same at every step: quantized once
         outputs = [None] * T
         for t in reversed(range(T)) if reverse else range(T):
-            gates = gates_x[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q)
-            i, f, g, o = gates.chunk(4, dim=-1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            h, c = _CellPointwise.apply(gates_x[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q), c)
             outputs[t] = h
         return torch.stack(outputs), h, c
