@@ -20,6 +20,7 @@ the gradients wherever it reaches them in torch.
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import signal
@@ -32,9 +33,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from torch import nn
 
-from fourbit import formats, recipes
+from fourbit import convert, formats, recipes
 from fourbit.formats import BlockCodes, BlockFormat, FloatFormat, IntFormat, LogFormat, pixels_to_int4
-from fourbit.nn import QConv1d, QConv2d, QLinear, QMatmul
+from fourbit.nn import OperandSpec, QConv1d, QConv2d, QLinear, QMatmul
 from fourbit.nn.lstm import QLSTM
 from fourbit.nn.quant import pack_bits, pack_nibbles, quantize_operand, unpack_bits, unpack_nibbles
 from fourbit.recipes import ROLES
@@ -373,6 +374,9 @@ def test_bad_arguments_are_value_errors(name):
 # -- Q-layers --------------------------------------------------------------------------------------
 
 RECIPES = recipes.names()
+# LayerSpecs no preset uses: chunked fp16 accumulation, max-scaled INT4 weights
+FP16_ACCUMULATE = "+fp16-accumulate"
+MAX_INT4 = "+max-int4-weights"
 LAYER_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 POISON = [NAN, INF, -INF, 1e30, 1e-40]
 SAWB_LIKE = ("sawb", "max")
@@ -498,11 +502,21 @@ def test_qlayer_fuzz(kind):
         st.sampled_from(POISON),
         st.lists(st.integers(0, 10**6), min_size=1, max_size=3),
         st.integers(0, 2**31),
+        st.data(),
     )
-    def check(case, recipe, role, dtype, target, value, where, seed):
+    def check(case, recipe, role, dtype, target, value, where, seed, data):
         plain, make_q, input_shapes, natural_role = case
         role = role if role != "default" else natural_role
+        variant = data.draw(st.sampled_from(["", "", "", FP16_ACCUMULATE, MAX_INT4]))
         spec = recipes.get(recipe).spec_for(role)
+        if variant == FP16_ACCUMULATE:
+            spec = dataclasses.replace(spec, accumulate="fp16")
+            # known, unfixed here: chunked_fp16 of an empty reduction axis returns None
+            if any(0 in shape for shape in input_shapes) or hadamard_cannot_reshape(plain, input_shapes):
+                event("skipped: known chunked_fp16 bug")
+                return
+        elif variant == MAX_INT4:
+            spec = dataclasses.replace(spec, weight=OperandSpec("int4", "max"))
         # known, unfixed here: SAWB/max scales of an operand holding ±inf or a value whose
         # square overflows float32 are inf, and the quantizer refuses them (see the report)
         operand = spec.weight if target == "weight" else spec.activation
@@ -529,7 +543,11 @@ def test_qlayer_fuzz(kind):
                     if t.numel():
                         t.view(-1)[w % t.numel()] = value
         grad_poison = where[0] if target == "grad" else None
-        qmod = make_q(copy.deepcopy(plain), spec, seed)
+        try:
+            qmod = make_q(copy.deepcopy(plain), spec, seed)
+        except ValueError as e:  # documented: fp16 accumulation of grouped convolutions
+            assert "groups=1" in str(e) and spec.accumulate == "fp16"
+            return
 
         try:
             expected = run(plain, inputs, grad_poison)
@@ -609,6 +627,8 @@ def test_quantize_operand_and_packed_fuzz(name):
         axis = -1
         if isinstance(fmt, BlockFormat) and len(fmt.block_shape) == 1 and x.ndim > 1:
             axis = data.draw(st.integers(-x.ndim, x.ndim - 1))
+        if name == "nvfp4_2d" and x.ndim > 2 and x.shape[0] == 0:
+            return  # known, unfixed here: its conv-weight reshape(x.shape[0], -1) (see the report)
         values, packed = quantize_operand(fmt, x, scale, axis=axis)
         assert values.shape == x.shape and values.dtype == torch.float32
         assert bool(values[x.isnan()].isnan().all()), (x, values)
@@ -664,8 +684,8 @@ def test_gradscale_fuzz(rule):
 
 
 def test_pact_fuzz():
-    """PACT on any tensor: x's shape, NaN stays NaN, everything else on the clip's grid;
-    its backward runs, and a NaN gradient reaches the input or alpha."""
+    """PACT on any tensor: x's shape, NaN stays NaN, everything else within the clip; its
+    backward runs, and passes a NaN gradient through where x lies inside the clip."""
 
     @FORMAT_SETTINGS
     @given(tensors(torch.float32), st.sampled_from([None, 0.5, 6.0]))
@@ -678,13 +698,18 @@ def test_pact_fuzz():
         assert torch.equal(y.isnan(), nan)
         assert bool(y[~nan].isfinite().all())
         assert bool((y[~nan].abs() <= pact.alpha.detach() * (1 + 1e-6)).all())
+        # a NaN gradient where x lies inside the clip passes straight through to x (outside
+        # it, PACT's derivative is 0 by definition, NaN gradient or not)
+        alpha = pact.alpha.detach()
+        lo = -alpha if bool(pact.signed) else torch.zeros(())
+        inside = ((x > lo) & (x < alpha)).reshape(-1).nonzero()
         gy = torch.ones(y.shape)
-        if gy.numel():
-            gy.view(-1)[0] = NAN
+        if len(inside):
+            gy.view(-1)[inside[0, 0]] = NAN
         y.backward(gy)
         assert xr.grad.shape == x.shape
-        if gy.numel():
-            assert any_nonfinite([xr.grad, pact.alpha.grad])
+        if len(inside):
+            assert bool(xr.grad.reshape(-1)[inside[0, 0]].isnan())
 
     check()
 
@@ -701,3 +726,74 @@ def test_pixels_to_int4_fuzz(x):
     codes = pixels_to_int4(x)
     assert codes.shape == x.shape and codes.dtype == torch.int8
     assert bool(((codes >= -8) & (codes <= 7)).all())
+
+
+@pytest.mark.parametrize("name", BLOCK)
+def test_block_decode_of_any_codes(name):
+    """Any element and block-scale codes decode: NaN exactly in the blocks whose scale code is
+    NaN (E8M0 255, e4m3 0x7f/0xff), a number everywhere else."""
+    fmt = formats.get(name)
+
+    @FORMAT_SETTINGS
+    @given(tensors(torch.float32), st.integers(0, 2**32), st.sampled_from([1.0, 2.0**-10, 2.0**-149]))
+    def check(x, seed, d):
+        enc = fmt.encode(x)
+        g = gen(seed)
+        codes = torch.randint(0, 256, enc.codes.shape, generator=g, dtype=torch.uint8)
+        scale_codes = torch.randint(0, 256, enc.scale_codes.shape, generator=g, dtype=torch.uint8)
+        enc = BlockCodes(codes, scale_codes, torch.tensor(d), enc.axis)
+        v = fmt.decode(enc)
+        assert v.shape == x.shape and v.dtype == torch.float32
+        nan_scale = scale_codes == 255 if fmt.scale_format == "e8m0" else (scale_codes & 0x7F) == 0x7F
+        # which elements lie in a NaN-scaled block: encode a tensor that is NaN exactly there
+        marker = fmt.decode(
+            BlockCodes(
+                torch.zeros_like(codes), torch.where(nan_scale, scale_codes, 0), enc.tensor_scale, enc.axis
+            )
+        )
+        assert torch.equal(v.isnan(), marker.isnan())
+
+    check()
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_convert_fuzz():
+    """convert() with any recipe, an example input of any batch size (0 included) or holding
+    NaN, converting twice; the converted model trains a step, and a NaN input reaches the loss."""
+
+    @LAYER_SETTINGS
+    @given(
+        st.sampled_from(RECIPES),
+        st.integers(0, 3),
+        st.sampled_from(["none", "nan", "example-nan"]),
+        st.booleans(),
+        st.integers(0, 2**31),
+    )
+    def check(recipe, batch, poison, twice, seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1, groups=4),
+            nn.Conv2d(4, 4, 1),
+            nn.Flatten(),
+            nn.Linear(4 * 4 * 3, 3),
+        )
+        example = torch.randn(batch, 2, 4, 3)
+        if poison == "example-nan" and batch:
+            example[0, 0, 0, 0] = NAN
+        for _ in range(2 if twice else 1):
+            convert(model, recipe, example_input=example, seed=seed, verbose=False)
+        x = torch.randn(2, 2, 4, 3)
+        if poison == "nan":
+            x[1, 1, 2, 1] = NAN
+        loss = model(x).sum()
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert grads
+        if poison == "nan":
+            assert not math.isfinite(loss.item())
+        else:
+            assert math.isfinite(loss.item()) and not any_nonfinite(grads)
+
+    check()

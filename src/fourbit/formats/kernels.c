@@ -117,13 +117,16 @@ void fb_pact_backward(float *d, int64_t n, const uint8_t *clip, const uint8_t *n
     for (int64_t ch = 0; ch < chunks; ch++) {
         CHUNK_BOUNDS(ch, n, lo, hi);
         double t = 0, b = 0;
-        for (int64_t i = lo; i < hi; i++) {
-            if (!((clip[i / 8] >> (i % 8)) & 1)) continue;
-            int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
-            if (is_signed) code = (code ^ 8) - 8;
-            if (code > 0) t += d[i];
-            if (code < 0) b += d[i];
-            d[i] = 0.0f;
+        for (int64_t j = lo / 8; j < (hi + 7) / 8; j++) {
+            if (!clip[j]) continue; /* most bytes: nothing clipped among these eight */
+            for (int64_t i = 8 * j; i < 8 * j + 8 && i < hi; i++) {
+                if (!((clip[j] >> (i % 8)) & 1)) continue;
+                int code = (nibbles[i / 2] >> ((i & 1) * 4)) & 0x0F;
+                if (is_signed) code = (code ^ 8) - 8;
+                if (code > 0) t += d[i];
+                if (code < 0) b += d[i];
+                d[i] = 0.0f;
+            }
         }
         partial[2 * ch] = t;
         partial[2 * ch + 1] = b;
