@@ -379,7 +379,6 @@ FP16_ACCUMULATE = "+fp16-accumulate"
 MAX_INT4 = "+max-int4-weights"
 LAYER_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 POISON = [NAN, INF, -INF, 1e30, 1e-40]
-SAWB_LIKE = ("sawb", "max")
 
 
 @st.composite
@@ -490,6 +489,7 @@ def any_nonfinite(tensors) -> bool:
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 @pytest.mark.parametrize("kind", list(CASES))
 def test_qlayer_fuzz(kind):
     @LAYER_SETTINGS
@@ -517,12 +517,6 @@ def test_qlayer_fuzz(kind):
                 return
         elif variant == MAX_INT4:
             spec = dataclasses.replace(spec, weight=OperandSpec("int4", "max"))
-        # known, unfixed here: SAWB/max scales of an operand holding ±inf or a value whose
-        # square overflows float32 are inf, and the quantizer refuses them (see the report)
-        operand = spec.weight if target == "weight" else spec.activation
-        if target in ("input", "weight") and operand.scaler in SAWB_LIKE and abs(value) > 1e19:
-            event("skipped: known SAWB bug")
-            return
         # known, unfixed here: gemm.random_hadamard (NVFP4's dW) cannot reshape a tensor with
         # a zero-size dimension besides the one it turns (see the report)
         if spec.hadamard_dw and hadamard_cannot_reshape(plain, input_shapes):
