@@ -174,6 +174,11 @@ def _quantize_gradients(spec: LayerSpec, dy: Tensor, s: Tensor, need: tuple[bool
         outs = iter(kernels.table_quantize(dy, [t[0] for t in tables], *tables[0][1:], premul=float(s)))
         return tuple(next(outs) if n else None for n in need)
     g = dy * s
+    same_axis = ops.g_da == ops.g_db or not spec.grad_dx.is_block  # only blocks follow the axis
+    twins = quants[0][:2] == quants[1][:2] and same_axis and not spec.grad_dx.stochastic
+    if all(need) and twins and not spec.hadamard_dw:
+        g_q = quantize_operand(spec.grad_dx.fmt, g, None, phase_dx, spec.grad_dx.rounding, keep=False)[0]
+        return g_q, g_q  # the same grid, phase and blocks (no TPR): the same values, computed once
     g_for_dw = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw and need[1] else g
     return tuple(
         quantize_operand(op.fmt, x, None, phase, op.rounding, gen, axis, keep=False)[0] if n else None
