@@ -228,3 +228,31 @@ def test_saved_operands_equal_the_definition(name):
         _same_bits(fast_values, ref_values)
         _same_bits(fast_packed.unpack(), ref_packed.unpack())
         _same_bits(fast_packed.unpack(), fast_values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_format_gives_the_same_bits_on_a_gpu():
+    x = _inputs()
+    for name in formats.names():
+        fmt = formats.get(name)
+        for phase in fmt.phases:
+            _same_bits(fmt.quantize(x.cuda(), phase=phase).cpu(), fmt.quantize(x, phase=phase))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("recipe", ["ibm4", "luq4", "nvfp4"])
+@pytest.mark.parametrize("convert_first", [True, False])
+def test_a_training_step_runs_on_a_gpu(recipe, convert_first):
+    torch.manual_seed(0)
+    model = SmallResNet()
+    x, y = _resnet_batch(0)
+    if convert_first:
+        fourbit.convert(model, recipe, example_input=x, verbose=False)
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    if not convert_first:
+        fourbit.convert(model, recipe, example_input=x, verbose=False)
+    for _ in range(2):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+    assert all(p.is_cuda for p in model.parameters())  # PACT's α too, whichever came first

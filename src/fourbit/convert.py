@@ -161,6 +161,9 @@ def _install(model: nn.Module, name: str, module: nn.Module, spec: LayerSpec, se
                 module._check()
         return
     quantized = _SWAPS[type(module)].from_float(module, spec, seed)
+    weight = next(module.parameters(), None)
+    if weight is not None:  # the new quantization state lives where the layer's weights do
+        quantized.quant.to(weight.device)
     if not name:
         raise ValueError("convert() swaps submodules in place; wrap a bare layer in nn.Sequential")
     parent_name, _, child = name.rpartition(".")

@@ -44,8 +44,10 @@ def check_input(x: Tensor) -> Tensor:
 
 
 def random_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U[0, 1) draws shaped like `like`, from `generator` (torch's global one when None)."""
-    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+    """U[0, 1) draws shaped like `like`, from `generator` (torch's global one when None).
+    Drawn on the generator's device, then moved: the same draws for a model on any device."""
+    device = like.device if generator is None else generator.device
+    return torch.rand(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
 def round_half_even(y: Tensor) -> Tensor:

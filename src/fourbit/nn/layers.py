@@ -38,7 +38,7 @@ class QuantState(nn.Module):
         if not self.spec.stochastic:
             return None
         gen = torch.Generator()
-        gen.set_state(self.rng_state)
+        gen.set_state(self.rng_state.cpu())  # a CPU generator, wherever the model lives
         return gen
 
     def return_generator(self, gen: torch.Generator | None) -> None:
