@@ -280,3 +280,21 @@ def test_qlstm_cell_pointwise_node_matches_the_plain_formulas():
         theirs = torch.autograd.grad(plain(g64, c64)[pick].sum(), (g64, c64))
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_observer_sees_every_operand_before_and_after_quantization():
+    q = QLinear(12, 5, spec=IBM4)
+    x = torch.randn(6, 12, generator=_gen(1))
+    dy = torch.randn(6, 5, generator=_gen(2))
+    seen = {}
+    q.quant.observer = lambda point, a, a_q, s: seen.setdefault(point, (a.clone(), a_q.clone(), s))
+    q(x.requires_grad_()).backward(dy)
+    assert list(seen) == ["A", "W", "G_dx", "G_dw"]
+    w, w_q, s_w = seen["W"]
+    assert torch.equal(w, q.weight.detach()) and s_w is None
+    assert torch.equal(w_q, INT4.quantize(w, sawb_scale(w, INT4)))
+    s = _first_scale(dy, RADIX4.max_value(0))
+    for point, phase in (("G_dx", 1), ("G_dw", 0)):
+        g, g_q, s_g = seen[point]
+        assert s_g == s and torch.equal(g, dy * s)
+        assert torch.equal(g_q, RADIX4.quantize(g, phase=phase))

@@ -230,6 +230,9 @@ class QuantizedGemm(torch.autograd.Function):
         quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
         qb = quantized_b.forward
         y = _gemm(ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate)
+        if state.observer is not None:  # telemetry (fourbit inspect): each operand before and after
+            state.observer("A", a.float(), qa.values, None)
+            state.observer("B" if ops.b_is_activation else "W", b.float(), qb.values, None)
 
         if keep:
             # A for the dB GEMM: block formats block it along that GEMM's reduction axis
@@ -271,6 +274,12 @@ class QuantizedGemm(torch.autograd.Function):
 
         # Q_G: s·dY for the dX GEMM (phase_dx) and for the dW GEMM (phase_dw)
         g_dx, g_dw = _quantize_gradients(spec, dy, s, (need_da, need_db), ops, signs, gen)
+        if state.observer is not None:
+            g = dy * s
+            g_turned = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw else g  # (NVFP4's dW)
+            for point, x, g_q in (("G_dx", g, g_dx), ("G_dw", g_turned, g_dw)):
+                if g_q is not None:
+                    state.observer(point, x, g_q, float(s))
 
         da = db = None
         if need_da:

@@ -32,6 +32,9 @@ class QuantState(nn.Module):
         self.pact_a = PACT(act.fmt.bits, act.pact_init) if pact else None
         self.pact_b = PACT(act.fmt.bits, act.pact_init) if pact and two_activations else None
         self.register_buffer("rng_state", torch.Generator().manual_seed(seed).get_state())
+        # observer(point, x, q, gradscale): called with each GEMM operand x ("A", "W" or "B",
+        # "G_dx", "G_dw"; gradients times the GradScale value) and its quantized values q
+        self.observer = None
 
     def take_generator(self) -> torch.Generator | None:
         """A generator at this layer's RNG state (None when nothing is random)."""
