@@ -119,10 +119,13 @@ class QLSTM(nn.LSTM):
         gates_x = self.quant[f"{name}_ih"].gemm(flat, w_ih, linear_ops()).reshape(T, B, w_ih.shape[0])
         if self.bias:
             gates_x = gates_x + getattr(self, f"bias_ih_{name}") + getattr(self, f"bias_hh_{name}")
+        # unbind, not gates_x[t]: one backward node stacking the T step gradients, where
+        # T indexings would each scatter into a zeroed copy of the whole tensor
+        gates_x_steps = gates_x.unbind(0)
         recurrent, ops = self.quant[f"{name}_hh"], linear_ops()
         w_hh_q = recurrent.hold_weight(w_hh, ops)  # W_hh is the same at every step: quantized once
         outputs = [None] * T
         for t in reversed(range(T)) if reverse else range(T):
-            h, c = _CellPointwise.apply(gates_x[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q), c)
+            h, c = _CellPointwise.apply(gates_x_steps[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q), c)
             outputs[t] = h
         return torch.stack(outputs), h, c
