@@ -124,13 +124,10 @@ def reduce_floats(values: dict[str, float], op: str = "mean") -> dict[str, float
 
 
 def wrap(
-    model: nn.Module, grad_comm: str = "fp32", example_input=None, chunk: int = CHUNK
+    model: nn.Module, grad_comm: str = "fp32", chunk: int = CHUNK
 ) -> tuple[DistributedDataParallel, FP4State | None]:
     """`model` (converted, on this rank's device) in DistributedDataParallel; with
     grad_comm "fp4" its gradients go through `fp4_allreduce_hook`, whose state is returned.
-    `example_input` (a tensor or a tuple of arguments, the same on every rank) is run
-    through the model first, in eval mode without gradients, when a PACT clip has not yet
-    seen an input.
 
     DDP copies rank 0's parameters and buffers to every rank here, and rank 0's buffers
     before every forward (its default): GradScale scales and the layers' RNG states change
@@ -138,39 +135,36 @@ def wrap(
     """
     if grad_comm not in ("fp32", "fp4"):
         raise ValueError(f"grad_comm must be 'fp32' or 'fp4'; got {grad_comm!r}")
-    _fix_pact_clips(model, example_input)
     device_ids = [torch.cuda.current_device()] if backend() == "nccl" else None
     if grad_comm == "fp32":
-        return DistributedDataParallel(model, device_ids=device_ids), None
-    # One bucket of every gradient: the hook runs synchronously, so more buckets would
-    # overlap nothing, and with one bucket (laid out by the hook in the model's parameter
-    # order) every step has the same chunks and shard owners, though DDP regroups its
-    # buckets after the first step: a resumed run then repeats an uninterrupted one exactly.
-    megabytes = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=math.ceil(megabytes) + 1)
-    state = FP4State(model, chunk)
-    ddp.register_comm_hook(state, fp4_allreduce_hook)
+        ddp, state = DistributedDataParallel(model, device_ids=device_ids), None
+    else:
+        # One bucket of every gradient: the hook runs synchronously, so more buckets would
+        # overlap nothing, and with one bucket (laid out by the hook in the model's parameter
+        # order) every step has the same chunks and shard owners, though DDP regroups its
+        # buckets after the first step: a resumed run then repeats an uninterrupted one exactly.
+        megabytes = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=math.ceil(megabytes) + 1)
+        state = FP4State(model, chunk)
+        ddp.register_comm_hook(state, fp4_allreduce_hook)
+    ddp.register_forward_pre_hook(_PACTAlphaSync(model))
     return ddp, state
 
 
-def _fix_pact_clips(model: nn.Module, example_input) -> None:
-    """PACT alpha is a parameter set from the first input the clip sees: seen after DDP's
-    first copy, each rank's own batch would set it and the ranks would differ."""
+class _PACTAlphaSync:
+    """Before each forward of the DDP model: rank 0's alpha to every rank for each PACT clip
+    that has seen its first input since the last forward. A clip sets alpha (a parameter)
+    from the first input it sees, as on one process, but each rank sees its own batch; the
+    gradients are averaged, so the ranks differ by that first alpha alone until this copy."""
 
-    def unseen() -> list[str]:
-        return [name for name, m in model.named_modules() if isinstance(m, PACT) and m.signed < 0]
+    def __init__(self, model: nn.Module):
+        self.unseen = [m for m in model.modules() if isinstance(m, PACT) and m.signed < 0]
 
-    if unseen() and example_input is not None:
-        was_training = model.training
-        model.eval()  # no BatchNorm statistics from the example
-        with torch.no_grad():
-            model(*(example_input if isinstance(example_input, tuple) else (example_input,)))
-        model.train(was_training)
-    if unseen():
-        raise ValueError(
-            f"PACT clips {unseen()} have not seen an input; pass example_input= "
-            "(the same on every rank) to fix them before DDP copies rank 0's parameters"
-        )
+    def __call__(self, module: nn.Module, args) -> None:
+        seen = [m for m in self.unseen if m.signed >= 0]  # the same clips on every rank
+        for pact in seen:
+            dist.broadcast(pact.alpha.data, 0)
+        self.unseen = [m for m in self.unseen if m not in seen]
 
 
 # -- the 4-bit exchange ---------------------------------------------------------------------
