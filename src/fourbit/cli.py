@@ -167,6 +167,74 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _recipe_names(text: str) -> list[str]:
+    names = [r.strip() for r in text.split(",") if r.strip()]
+    if not names:
+        raise ValueError("name at least one recipe, e.g. fp32,ibm4")
+    return names
+
+
+def _task_names() -> list[str]:
+    from fourbit import tasks
+
+    return tasks.names()
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from fourbit import telemetry
+    from fourbit.io import atomic_write
+    from fourbit.plots import plot_gradient_histogram, plot_sqnr_bars
+
+    names = _recipe_names(args.recipes or args.recipe)
+    out = args.out or Path("runs") / f"inspect-{args.task}"
+    data_dir = str(args.data_dir) if args.data_dir else None
+    result = telemetry.inspect(
+        args.task, names, args.steps, args.seed, args.batch_size, args.train_limit, data_dir, out,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(telemetry.format_report(result))
+    atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    first = result["recipes"][names[0]]["layers"]
+    with_grads = [layer for layer in first if "grad_hist" in layer]
+    written = [out / "inspect.json", plot_sqnr_bars(result, out / "sqnr.png")]
+    if with_grads:
+        pick = [la for la in with_grads if la["name"] == args.layer] if args.layer else []
+        if args.layer and not pick:
+            raise ValueError(f"--layer {args.layer!r} is not a quantized layer of {names[0]}")
+        layer = pick[0] if pick else with_grads[len(with_grads) // 2]
+        title = f"{args.task} / {names[0]}: gradient of {layer['name']}, {args.steps} steps"
+        written.append(plot_gradient_histogram(layer, title, out / "grad_hist.png"))
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def cmd_bn_drift(args) -> int:
+    import json
+
+    from fourbit import telemetry
+    from fourbit.io import atomic_write
+    from fourbit.plots import plot_bn_drift
+
+    if args.resume:
+        raise ValueError("bn-drift starts afresh: its fp32 shadow is not in a checkpoint (drop --resume)")
+    configs = [_run_config(args, r) for r in _recipe_names(args.recipes)]
+    out = args.out or Path("runs") / f"bn-drift-{args.task}"
+    result = telemetry.bn_drift(configs, out, args.every, progress=not args.quiet)
+    atomic_write(out / "bn_drift.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    for recipe, r in result["recipes"].items():
+        last = r["records"][-1]
+        mean = sum(last["mean_drift"].values()) / len(last["mean_drift"])
+        var = sum(last["var_drift"].values()) / len(last["var_drift"])
+        print(
+            f"{recipe}: after {last['step']} steps, mean drift {mean:.4f}, var drift {var:.4f} "
+            f"(averaged over BN layers); {r['metric_name']} {r['metric']:.2f}"
+        )
+    print(f"wrote {out / 'bn_drift.json'} and {plot_bn_drift(result, out / 'bn_drift.png')}")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from fourbit import tasks
 
@@ -230,6 +298,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numel", type=int, default=16 * 2**20, help="elements of the quantizer tensor")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("inspect", help="per-layer, per-operand quantization telemetry over a few steps")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--recipe", help="a recipe name")
+    which.add_argument("--recipes", help="comma-separated recipe names, compared side by side")
+    p.add_argument("--task", required=True, choices=_task_names())
+    p.add_argument("--steps", type=int, default=10, help="training steps recorded (default: 10)")
+    p.add_argument("--batch-size", type=int, help="default: the task's")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N of a fixed shuffle")
+    p.add_argument("--data-dir", type=Path, help="a directory with the task's data")
+    p.add_argument("--layer", help="the layer whose gradient histogram is drawn (default: a middle one)")
+    p.add_argument("--out", type=Path, help="output directory (default: runs/inspect-TASK)")
+    p.add_argument("--quiet", action="store_true", help="no per-step lines")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bn-drift", help="BatchNorm running statistics against an fp32 shadow, over training")
+    p.add_argument("--recipes", default="ibm4,ibm4-notpr", help="comma-separated recipe names")
+    p.add_argument("--every", type=int, default=10, help="record the drift every N steps (default: 10)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_bn_drift)
 
     p = sub.add_parser("tasks", help="list the tasks and whether their data is installed")
     p.add_argument("--data-dir", type=Path)

@@ -1,4 +1,5 @@
-"""Pictures: the 4-bit grids and the 4-bit pixels (matplotlib, no screen needed)."""
+"""Pictures: the 4-bit grids and pixels, training curves, and the analysis plots of
+`fourbit inspect` / `fourbit bn-drift` (matplotlib, no screen needed)."""
 
 from __future__ import annotations
 
@@ -84,4 +85,96 @@ def plot_curves(histories: dict[str, list[dict]], metric: str, path: str | Path)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    return save(fig, path)
+
+
+# grids drawn over a gradient histogram: (label, format, phase, scale putting its top where)
+GRADIENT_GRIDS = (
+    ("radix-4 FP4, phase 0 (dW)", "fp4_radix4", 0, 1.0),
+    ("radix-4 FP4, phase 1 (dX)", "fp4_radix4", 1, 1.0),
+    ("radix-2 FP4", "fp4_radix2", 0, 1.0),
+    ("fp4 e2m1, top at 1", "fp4_e2m1", 0, 1 / 6),
+)
+
+
+def plot_gradient_histogram(layer: dict, title: str, path: str | Path) -> Path:
+    """log2 |s·dY| of one layer (its `grad_hist` from fourbit inspect), every 4-bit gradient
+    grid's positive values drawn under it (at scale 1, where GradScale aims the gradient)."""
+    h = layer["grad_hist"]
+    counts = torch.tensor(h["counts"], dtype=torch.float64)
+    edges = h["log2_low"] + h["width"] * torch.arange(len(counts) + 1, dtype=torch.float64)
+    total = counts.sum() + h["zero"] + h["below"] + h["above"]
+    fig, (ax, ax_g) = plt.subplots(
+        2, 1, figsize=(9, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.4]}
+    )
+    ax.stairs((counts / max(float(total), 1)).tolist(), edges.tolist(), fill=True, alpha=0.6, color="C0")
+    ax.set_ylabel("fraction of elements")
+    ax.set_title(f"{title}\nzero: {h['zero'] / max(float(total), 1):.1%} of the elements", fontsize=10)
+    ax.grid(alpha=0.3)
+    for i, (_, name, phase, scale) in enumerate(GRADIENT_GRIDS):
+        v = formats.get(name).values(scale, phase)
+        exps = torch.log2(v[v > 0]).tolist()
+        ax_g.scatter(exps, [i] * len(exps), s=24, color=f"C{i + 1}")
+        ax_g.hlines(i, min(exps), max(exps), lw=0.6, alpha=0.4, color=f"C{i + 1}")
+        for e in exps:
+            ax.axvline(e, color=f"C{i + 1}", lw=0.5, alpha=0.35)
+    seen = edges[:-1][counts > 0]
+    if len(seen):
+        ax.set_xlim(min(float(seen[0]), -13.0) - 1, max(float(seen[-1]), 1.0) + 1.5)
+    ax_g.set_yticks(range(len(GRADIENT_GRIDS)), [g[0] for g in GRADIENT_GRIDS], fontsize=8)
+    ax_g.invert_yaxis()
+    ax_g.set_xlabel("log2 |s·dY|  (s: the layer's GradScale value)")
+    ax_g.grid(axis="x", alpha=0.3)
+    return save(fig, path)
+
+
+def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
+    """Per-layer SQNR (dB) of each operand from fourbit inspect, one bar per recipe."""
+    runs = result["recipes"]
+    names: list[str] = []
+    for r in runs.values():
+        names += [layer["name"] for layer in r["layers"] if layer["name"] not in names]
+    points = [p for p in ("W", "B", "A", "G_dx", "G_dw") if any(
+        p in layer["operands"] for r in runs.values() for layer in r["layers"])]  # fmt: skip
+    fig, axes = plt.subplots(
+        len(points), 1, figsize=(max(8, 0.32 * len(names) * max(len(runs), 1) + 2), 2.3 * len(points) + 1),
+        sharex=True, squeeze=False,
+    )  # fmt: skip
+    width = 0.8 / max(len(runs), 1)
+    for ax, point in zip(axes[:, 0], points, strict=True):
+        for k, (recipe, r) in enumerate(runs.items()):
+            by_name = {layer["name"]: layer["operands"].get(point) for layer in r["layers"]}
+            xs, ys = [], []
+            for i, name in enumerate(names):
+                o = by_name.get(name)
+                if o is not None and o["sqnr_db"] is not None:
+                    xs.append(i + (k - (len(runs) - 1) / 2) * width)
+                    ys.append(o["sqnr_db"])
+            ax.bar(xs, ys, width, label=recipe)
+        ax.set_ylabel(f"{point} SQNR (dB)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=min(len(runs), 4))
+    axes[0, 0].set_title(f"{result['task']}: SQNR of each GEMM operand, per layer")
+    axes[-1, 0].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    return save(fig, path)
+
+
+def plot_bn_drift(result: dict, path: str | Path) -> Path:
+    """BatchNorm running-statistics drift against the fp32 shadow, over training steps:
+    the mean over BN layers (solid) and the largest layer (dashed), per recipe."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for k, (recipe, r) in enumerate(result["recipes"].items()):
+        steps = [rec["step"] for rec in r["records"]]
+        for ax, key in zip(axes, ("mean_drift", "var_drift"), strict=True):
+            per_layer = [list(rec[key].values()) for rec in r["records"]]
+            ax.plot(steps, [sum(v) / len(v) for v in per_layer], color=f"C{k}", label=f"{recipe}, mean")
+            peak = [max(v) for v in per_layer]
+            ax.plot(steps, peak, color=f"C{k}", ls="--", lw=0.8, label=f"{recipe}, max")
+    titles = ("running mean: RMS (μ - μ_fp32) / σ_fp32", "running var: RMS (σ² - σ²_fp32) / σ²_fp32")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{result['task']}: BatchNorm drift against an fp32 shadow of the same weights", fontsize=11)
     return save(fig, path)

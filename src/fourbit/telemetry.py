@@ -1,0 +1,474 @@
+"""What quantization does during training: per-operand telemetry (`fourbit inspect`) and
+BatchNorm drift against an fp32 shadow (`fourbit bn-drift`).
+
+Telemetry listens on each quantized layer's `QuantState.observer`, which sees every GEMM
+operand x before and q after quantization: "A", "W" (or "B", a QMatmul's second
+activation), "G_dx" and "G_dw" (gradients arrive as s·dY, s the layer's GradScale value).
+Per layer and operand, in float64, pooled over every call (an LSTM's recurrent GEMM runs
+once per time step) of every inspected step:
+
+    sqnr_db    10·log10(Σx² / Σ(q−x)²); null when q == x everywhere
+    clipped    fraction of the elements with x outside [lo, hi], the smallest and largest
+               value the operand's grid produces at the scale it was quantized with:
+               INT grids scale·qmin ... scale·qmax (SAWB / max / fixed scales recomputed from
+               x as the layer does; PACT: the grid of its clip α); log and float grids their
+               own range at scale 1 in the GEMM's phase (gradients come GradScale-scaled);
+               block formats (MXFP4, NVFP4) per element, ±(largest element value × that
+               element's block scale). x = ±inf counts as clipped.
+    flushed    fraction of the nonzero x whose q is 0
+    bias       Σ(q−x) / Σ|x|: the mean error relative to the mean magnitude
+    gradscale  (G operands) the GradScale value: at the last call, smallest, largest
+Non-finite x (a step the training loop then skips) is counted in `nonfinite` and left out
+of the sums. `sqnr_db_per_step` is the same SQNR step by step; `grad_hist` counts
+log2 |s·dY| of the dX-GEMM gradient (the quantizer's input) in bins of HIST_WIDTH.
+
+Only layers with a quantized spec are seen: an fp32 layer calls the plain torch op.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from fourbit.formats import BlockFormat, LogFormat
+from fourbit.nn import QLinear, QMatmul, QuantState
+from fourbit.nn.gemm import GemmOps, conv_ops, linear_ops, matmul_ops
+from fourbit.nn.lstm import QLSTM
+from fourbit.nn.quant import operand_scale
+from fourbit.nn.spec import OperandSpec
+from fourbit.train import RunConfig, _epoch_generator, _Run, _StopSignals, train_step
+
+POINTS = ("W", "B", "A", "G_dx", "G_dw")
+HIST_LOW, HIST_HIGH, HIST_WIDTH = -40.0, 4.0, 0.25  # log2 |g| bins of grad_hist
+
+
+def _finite_or_none(v: float) -> float | None:
+    """JSON has no inf / NaN: null stands for them."""
+    return v if math.isfinite(v) else None
+
+
+def sqnr_db(signal: float, noise: float) -> float | None:
+    if noise == 0 or signal == 0:
+        return None
+    return 10 * math.log10(signal / noise)
+
+
+@dataclass
+class OperandStats:
+    """Running float64 sums for one operand of one layer (see the module docstring)."""
+
+    elements: int = 0
+    nonzero: int = 0
+    clipped: int = 0
+    flushed: int = 0
+    nonfinite: int = 0
+    sum_x2: float = 0.0
+    sum_e2: float = 0.0
+    sum_e: float = 0.0
+    sum_abs: float = 0.0
+    per_step: dict[int, list[float]] = field(default_factory=dict)  # step -> [Σx², Σe²]
+    gradscales: list[float] = field(default_factory=list)
+
+    def add(self, x: Tensor, q: Tensor, lo, hi, step: int) -> None:
+        x, q = x.detach().double().reshape(-1), q.detach().double().reshape(-1)
+        lo, hi = (torch.as_tensor(b, dtype=torch.float64).reshape(-1) for b in (lo, hi))
+        self.elements += x.numel()
+        self.clipped += int(((x < lo) | (x > hi)).sum())
+        finite = torch.isfinite(x) & torch.isfinite(q)
+        if not bool(finite.all()):
+            self.nonfinite += int((~finite).sum())
+            x, q = x[finite], q[finite]
+        e = q - x
+        self.nonzero += int((x != 0).sum())
+        self.flushed += int(((x != 0) & (q == 0)).sum())
+        x2, e2 = float(x.square().sum()), float(e.square().sum())
+        self.sum_x2 += x2
+        self.sum_e2 += e2
+        self.sum_e += float(e.sum())
+        self.sum_abs += float(x.abs().sum())
+        sums = self.per_step.setdefault(step, [0.0, 0.0])
+        sums[0] += x2
+        sums[1] += e2
+
+    def summary(self) -> dict:
+        out = {
+            "elements": self.elements,
+            "sqnr_db": sqnr_db(self.sum_x2, self.sum_e2),
+            "clipped": self.clipped / max(self.elements, 1),
+            "flushed": self.flushed / max(self.nonzero, 1),
+            "bias": _finite_or_none(self.sum_e / self.sum_abs) if self.sum_abs else 0.0,
+            "nonfinite": self.nonfinite,
+            "sqnr_db_per_step": [sqnr_db(*self.per_step[s]) for s in sorted(self.per_step)],
+        }
+        if self.gradscales:
+            g = self.gradscales
+            out["gradscale"] = {"last": g[-1], "min": min(g), "max": max(g)}
+        return out
+
+
+def _block_range(fmt: BlockFormat, x: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Per element ±(largest element value × its block's scale): every element code set to
+    the top one, decoded with the block scales x gets (they do not depend on rounding)."""
+    shape = x.shape
+    if len(fmt.block_shape) == 2 and x.ndim > 2:  # conv weights tile as [out, in·kernel]
+        x = x.reshape(x.shape[0], -1)
+    enc = fmt.encode(x, axis=axis)
+    top_code = fmt.element.encode(torch.tensor(fmt.element.max_value()))
+    hi = fmt.decode(enc._replace(codes=torch.full_like(enc.codes, int(top_code)))).reshape(shape)
+    return -hi, hi
+
+
+def grid_range(spec: OperandSpec, x: Tensor, phase: int, axis: int, pact=None):
+    """(lo, hi): the smallest and largest value x's grid produces (numbers, or per-element
+    tensors for block formats); see `clipped` in the module docstring."""
+    fmt = spec.fmt
+    if fmt is None:
+        return -math.inf, math.inf
+    if isinstance(fmt, BlockFormat):
+        return _block_range(fmt, x, axis)
+    if spec.scaler == "pact":
+        fmt = pact.grid
+        scale = float(pact.clip_level()) / fmt.qmax
+    else:
+        scale = float(operand_scale(spec, x))
+    values = fmt.values(phase=phase)
+    return float(values[0]) * scale, float(values[-1]) * scale
+
+
+def _ops(module: nn.Module) -> GemmOps:
+    """The GEMM family of a quantized module: where each operand's reduction axis is."""
+    if isinstance(module, QMatmul):
+        return matmul_ops()
+    if isinstance(module, (QLinear, QLSTM)):
+        return linear_ops()
+    kernel = math.prod(module.kernel_size)
+    return conv_ops(module._dims, module.stride, module.padding, module.dilation, module.groups, kernel)
+
+
+class LayerProbe:
+    """The observer of one QuantState: adds each operand it is shown to its stats."""
+
+    def __init__(self, name: str, kind: str, state: QuantState, ops: GemmOps, recorder: Recorder):
+        self.name, self.kind, self.state, self.ops, self.recorder = name, kind, state, ops, recorder
+        self.stats: dict[str, OperandStats] = {}
+        bins = round((HIST_HIGH - HIST_LOW) / HIST_WIDTH)
+        self.hist = torch.zeros(bins, dtype=torch.int64)
+        self.hist_zero = self.hist_below = self.hist_above = 0
+
+    def _where(self, point: str):
+        """(operand spec, phase, reduction axis, PACT) of a quantization point."""
+        spec, ops, st = self.state.spec, self.ops, self.state
+        phase_dx, phase_dw = spec.phases()
+        return {
+            "A": (spec.activation, 0, ops.a_fwd, st.pact_a),
+            "W": (spec.weight, 0, ops.b_fwd, None),
+            "B": (spec.activation, 0, ops.b_fwd, st.pact_b),
+            "G_dx": (spec.grad_dx, phase_dx, ops.g_da, None),
+            "G_dw": (spec.grad_dw, phase_dw, ops.g_db, None),
+        }[point]
+
+    def __call__(self, point: str, x: Tensor, q: Tensor, gradscale: float | None) -> None:
+        spec, phase, axis, pact = self._where(point)
+        with torch.no_grad():
+            lo, hi = grid_range(spec, x, phase, axis, pact)
+            stats = self.stats.setdefault(point, OperandStats())
+            stats.add(x, q, lo, hi, self.recorder.step)
+            if gradscale is not None:
+                stats.gradscales.append(gradscale)
+            if point == "G_dx":
+                self._histogram(x)
+
+    def _histogram(self, g: Tensor) -> None:
+        a = g.detach().float().abs().reshape(-1)
+        a = a[torch.isfinite(a)]
+        self.hist_zero += int((a == 0).sum())
+        e = torch.log2(a[a > 0])
+        self.hist_below += int((e < HIST_LOW).sum())
+        self.hist_above += int((e >= HIST_HIGH).sum())
+        inside = e[(e >= HIST_LOW) & (e < HIST_HIGH)]
+        index = ((inside - HIST_LOW) / HIST_WIDTH).long().clamp(max=len(self.hist) - 1)
+        self.hist += torch.bincount(index, minlength=len(self.hist))
+
+    def summary(self) -> dict:
+        described = {}
+        for point in self.stats:
+            spec, phase, _, _ = self._where(point)
+            phased = isinstance(spec.fmt, LogFormat)
+            described[point] = spec.describe() + (f", phase {phase}" if phased else "")
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "operands": {
+                p: {"format": described[p], **self.stats[p].summary()} for p in POINTS if p in self.stats
+            },
+        }
+        if "G_dx" in self.stats:
+            out["grad_hist"] = {
+                "log2_low": HIST_LOW,
+                "width": HIST_WIDTH,
+                "counts": self.hist.tolist(),
+                "zero": self.hist_zero,
+                "below": self.hist_below,
+                "above": self.hist_above,
+            }
+        return out
+
+
+class Recorder:
+    """Attaches a LayerProbe to every quantized layer of `model` for the `with` block.
+
+    with Recorder(model) as rec:
+        for rec.step in range(n): ...train one step...
+    rec.layers()  # one dict per layer, in model order
+    """
+
+    def __init__(self, model: nn.Module):
+        self.step = 0
+        self.probes: list[LayerProbe] = []
+        for name, module in model.named_modules():
+            quant = getattr(module, "quant", None)
+            if isinstance(quant, QuantState):
+                states = [(name, quant)]
+            elif isinstance(quant, nn.ModuleDict):  # QLSTM: an input and a recurrent GEMM per cell
+                states = [(f"{name}.{k}", s) for k, s in quant.items()]
+            else:
+                continue
+            for state_name, state in states:
+                if not state.spec.is_fp32:
+                    kind = type(module).__name__
+                    self.probes.append(LayerProbe(state_name, kind, state, _ops(module), self))
+
+    def __enter__(self) -> Recorder:
+        for p in self.probes:
+            p.state.observer = p
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.probes:
+            p.state.observer = None
+
+    def layers(self) -> list[dict]:
+        return [p.summary() for p in self.probes]
+
+
+# -- fourbit inspect ---------------------------------------------------------------------------
+
+
+def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False) -> dict:
+    """The first `steps` training steps of `fourbit train` with `cfg` (same model init, data
+    order and augmentation), recorded; nothing is written."""
+    t0 = time.perf_counter()
+    run = _Run(cfg, out, progress=False)
+    if steps > run.steps_per_epoch:
+        raise ValueError(f"--steps {steps} exceeds the {run.steps_per_epoch} steps of one epoch")
+    # epoch 0's order and augmentation, as _Run.train_epoch draws them
+    order = torch.randperm(len(run.train_set), generator=_epoch_generator(cfg.seed, 0, 0)).tolist()
+    aug = _epoch_generator(cfg.seed, 0, 1)
+    loader = DataLoader(run.train_set, run.cfg.batch_size, sampler=order, collate_fn=run.task.collate)
+    run.model.train()
+    losses, skipped = [], 0
+    with Recorder(run.model) as rec:
+        for rec.step, batch in zip(range(steps), loader, strict=False):
+            batch = run.task.augment(batch, aug)
+            loss, _, why = train_step(run.model, run.opt, run.sched, run.task, batch, run.guard)
+            losses.append(_finite_or_none(loss))
+            skipped += why is not None
+            if progress:
+                print(f"  {cfg.recipe} step {rec.step + 1}/{steps}: loss {loss:.4f}", flush=True)
+    return {
+        "recipe": cfg.recipe,
+        "steps": len(losses),
+        "batch_size": run.cfg.batch_size,
+        "losses": losses,
+        "skipped_steps": skipped,
+        "wall_time_s": time.perf_counter() - t0,
+        "layers": rec.layers(),
+    }
+
+
+def inspect(
+    task: str,
+    recipes: list[str],
+    steps: int = 10,
+    seed: int = 0,
+    batch_size: int | None = None,
+    train_limit: int | None = None,
+    data_dir: str | None = None,
+    out: Path = Path("."),
+    progress: bool = False,
+) -> dict:
+    """inspect_recipe for each recipe: the dict written to inspect.json."""
+    if steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    configs = [
+        RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
+                  data_dir=data_dir)
+        for r in recipes
+    ]  # fmt: skip
+    return {
+        "format": "fourbit-inspect",
+        "version": 1,
+        "task": task,
+        "seed": seed,
+        "train_limit": train_limit,
+        "aggregation": "sums over every GEMM call of every step, pooled (per-step SQNR also given)",
+        "recipes": {c.recipe: inspect_recipe(c, steps, out, progress) for c in configs},
+    }
+
+
+def format_report(result: dict) -> str:
+    """A table per recipe: one row per layer and operand."""
+    lines = []
+    for recipe, r in result["recipes"].items():
+        lines.append(
+            f"\n{result['task']} / {recipe}: {r['steps']} steps of batch {r['batch_size']}, "
+            f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['wall_time_s']:.1f} s"
+        )
+        header = f"{'layer':<28}{'op':<6}{'format':<30}{'SQNR dB':>8}{'clip %':>8}{'flush %':>8}"
+        header += f"{'bias %':>8}{'log2 s':>8}"
+        lines += [header, "-" * len(header)]
+        for layer in r["layers"]:
+            for point, o in layer["operands"].items():
+                sq = "inf" if o["sqnr_db"] is None else f"{o['sqnr_db']:.1f}"
+                bias = "nan" if o["bias"] is None else f"{100 * o['bias']:+.2f}"
+                gs = f"{math.log2(o['gradscale']['last']):.0f}" if "gradscale" in o else ""
+                lines.append(
+                    f"{layer['name'][:27]:<28}{point:<6}{o['format'][:29]:<30}{sq:>8}"
+                    f"{100 * o['clipped']:>8.2f}{100 * o['flushed']:>8.2f}{bias:>8}{gs:>8}"
+                )
+    return "\n".join(lines)
+
+
+# -- BatchNorm drift against an fp32 shadow ----------------------------------------------------
+
+
+def _batchnorms(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def bn_distance(bn: nn.Module, reference: nn.Module) -> tuple[float, float]:
+    """(mean drift, var drift) of `bn`'s running statistics against `reference`'s:
+    mean: RMS over channels of (μ − μ_ref) / sqrt(σ²_ref + eps), the running mean's shift in
+    units of the reference's std (what it moves BN's normalized output by);
+    var: RMS over channels of (σ² − σ²_ref) / (σ²_ref + eps). Both 0 when they agree."""
+    mu, var = bn.running_mean.double(), bn.running_var.double()
+    mu_ref, var_ref = reference.running_mean.double(), reference.running_var.double()
+    denom = var_ref + bn.eps
+    mean_drift = ((mu - mu_ref).square() / denom).mean().sqrt()
+    var_drift = ((var - var_ref) / denom).square().mean().sqrt()
+    return float(mean_drift), float(var_drift)
+
+
+class ShadowBN:
+    """An fp32 copy of `model` that sees each training batch with the model's current
+    weights, so its BatchNorm running statistics are the ones fp32 arithmetic would have
+    accumulated on the same weights and batches. A forward pre-hook on `model` runs it
+    (training forwards only: with grad, in train mode) and records the drift every
+    `every` batches, before the batch updates either."""
+
+    def __init__(self, model: nn.Module, fp32_model: nn.Module, every: int):
+        self.model, self.shadow, self.every = model, fp32_model, every
+        theirs = model.state_dict()
+        fp32_model.load_state_dict({k: v for k, v in theirs.items() if k in fp32_model.state_dict()})
+        params = dict(model.named_parameters())
+        self.pairs = [(p, params[n]) for n, p in fp32_model.named_parameters()]
+        self.bns = _batchnorms(model)
+        self.shadow_bns = _batchnorms(fp32_model)
+        if not self.bns:
+            raise ValueError("the model has no BatchNorm layer: nothing to track")
+        self.batches = 0
+        self.records: list[dict] = []
+        self.handle = model.register_forward_pre_hook(self._before_forward)
+
+    def measure(self) -> None:
+        layers = {n: bn_distance(bn, self.shadow_bns[n]) for n, bn in self.bns.items()}
+        self.records.append(
+            {
+                "step": self.batches,
+                "mean_drift": {n: d[0] for n, d in layers.items()},
+                "var_drift": {n: d[1] for n, d in layers.items()},
+            }
+        )
+
+    def _before_forward(self, module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return  # evaluation, or the training loop rerunning a bad step's forward
+        if self.batches % self.every == 0:
+            self.measure()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the run's RNG untouched
+            for mine, theirs in self.pairs:
+                mine.copy_(theirs)
+            self.shadow.train()
+            self.shadow(*args)
+        self.batches += 1
+
+    def close(self) -> list[dict]:
+        self.handle.remove()
+        if not self.records or self.records[-1]["step"] != self.batches:
+            self.measure()
+        return self.records
+
+
+def bn_drift_recipe(cfg: RunConfig, out: Path, every: int, progress: bool = False) -> dict:
+    """Train as `fourbit train` would (metrics, checkpoint and summary in `out`) with a
+    ShadowBN attached: the drift records and the run's summary."""
+    run = _Run(cfg, out, progress)
+    with torch.random.fork_rng(devices=[]):  # building the copy draws init weights: not the run's RNG
+        fp32_model = run.task.build_model()
+    shadow = ShadowBN(run.model, fp32_model, every)
+    with _StopSignals() as signals:
+        while run.pos.epoch < run.cfg.epochs:
+            run.train_epoch(signals)
+            run.end_epoch()
+    records = shadow.close()
+    summary = run.write_summary()
+    return {
+        "recipe": cfg.recipe,
+        "metric_name": summary["metric_name"],
+        "metric": summary["metric"],
+        "history": run.history,
+        "wall_time_s": summary["wall_time_s"],
+        "records": records,
+    }
+
+
+def bn_drift(configs: Iterable[RunConfig], out: Path, every: int = 10, progress: bool = False) -> dict:
+    """bn_drift_recipe for each config (one task, several recipes): the bn_drift.json dict."""
+    if every < 1:
+        raise ValueError(f"every must be a positive integer; got {every!r}")
+    configs = list(configs)
+    runs = {c.recipe: bn_drift_recipe(c, out / c.recipe, every, progress) for c in configs}
+    c = configs[0]
+    return {
+        "format": "fourbit-bn-drift",
+        "version": 1,
+        "task": c.task,
+        "seed": c.seed,
+        "epochs": c.epochs,
+        "train_limit": c.train_limit,
+        "every": every,
+        "definitions": {
+            "mean_drift": "RMS over channels of (mu - mu_fp32) / sqrt(var_fp32 + eps)",
+            "var_drift": "RMS over channels of (var - var_fp32) / (var_fp32 + eps)",
+            "fp32 shadow": "running stats of a float32 copy of the current weights fed the same batches",
+        },
+        "recipes": runs,
+    }
+
+
+__all__ = [
+    "Recorder",
+    "ShadowBN",
+    "bn_distance",
+    "bn_drift",
+    "format_report",
+    "grid_range",
+    "inspect",
+]
