@@ -119,7 +119,7 @@ def _train(grad_comm: str, batches: list, checkpoint: dict | None = None) -> tup
     model = _model()
     example = torch.randn(2, 16, generator=torch.Generator().manual_seed(9))
     fourbit.convert(model, "ibm4", example_input=example, verbose=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         opt.load_state_dict(checkpoint["optimizer"])

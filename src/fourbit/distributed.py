@@ -131,7 +131,8 @@ def wrap(
 
     DDP copies rank 0's parameters and buffers to every rank here, and rank 0's buffers
     before every forward (its default): GradScale scales and the layers' RNG states change
-    in backward from each rank's own gradient, so rank 0's are the run's state.
+    in backward from each rank's own gradient, so rank 0's are the run's state. PACT clips
+    not yet fixed take rank 0's alpha after their first forward (`_PACTAlphaSync`).
     """
     if grad_comm not in ("fp32", "fp4"):
         raise ValueError(f"grad_comm must be 'fp32' or 'fp4'; got {grad_comm!r}")
@@ -147,22 +148,24 @@ def wrap(
         ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=math.ceil(megabytes) + 1)
         state = FP4State(model, chunk)
         ddp.register_comm_hook(state, fp4_allreduce_hook)
-    ddp.register_forward_pre_hook(_PACTAlphaSync(model))
+    ddp.register_forward_hook(_PACTAlphaSync(model))
     return ddp, state
 
 
 class _PACTAlphaSync:
-    """Before each forward of the DDP model: rank 0's alpha to every rank for each PACT clip
-    that has seen its first input since the last forward. A clip sets alpha (a parameter)
-    from the first input it sees, as on one process, but each rank sees its own batch; the
-    gradients are averaged, so the ranks differ by that first alpha alone until this copy."""
+    """After each forward of the DDP model: rank 0's alpha to every rank for each PACT clip
+    that saw its first input in it. A clip sets alpha (a parameter) from the first input it
+    sees, as on one process, but each rank sees its own batch. Copied before backward and
+    the optimizer step, the ranks' parameters and optimizer states never differ; only the
+    first forward ran with each rank's own alpha."""
 
     def __init__(self, model: nn.Module):
         self.unseen = [m for m in model.modules() if isinstance(m, PACT) and m.signed < 0]
 
-    def __call__(self, module: nn.Module, args) -> None:
+    def __call__(self, module: nn.Module, args, output) -> None:
         seen = [m for m in self.unseen if m.signed >= 0]  # the same clips on every rank
         for pact in seen:
+            # safe in the graph: of alpha, it keeps only whether alpha >= 1e-8 (clip_level's clamp)
             dist.broadcast(pact.alpha.data, 0)
         self.unseen = [m for m in self.unseen if m not in seen]
 
