@@ -139,7 +139,9 @@ def _steps(ddp, opt, batches: list) -> None:
 
 
 def _params(ddp) -> dict:
-    return {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
+    """The parameters, and the buffers once rank 0's are copied to every rank."""
+    distributed.broadcast_buffers(ddp.module)
+    return {n: t.detach().clone() for n, t in ddp.module.state_dict().items()}
 
 
 def _exchange() -> dict:
@@ -177,7 +179,7 @@ def _worker() -> dict:
         "mean": distributed.reduce_floats({"a": distributed.rank() + 1.0, "b": 2.0}),
         "fp32": _params(fp32),
         "fp4": _params(fp4),
-        "fp4_bytes": (comm.bytes_sent, comm.fp32_bytes),
+        "fp4_bytes": (comm.bytes_sent, comm.fp32_bytes, sum(p.numel() for p in fp4.parameters())),
         "fp4_resumed": _params(resumed),
         "exchange": _exchange(),
     }
@@ -199,7 +201,7 @@ def test_helpers_on_two_processes(ranks):
 def test_ranks_stay_bit_identical(ranks, grad_comm):
     first, second = (r[grad_comm] for r in ranks)
     start = dict(_model().named_parameters())
-    for name, p in first.items():
+    for name, p in first.items():  # parameters and buffers
         assert torch.equal(p, second[name]), name
         if name in start:  # the model trained (PACT alphas are not in the plain model)
             assert not torch.equal(p, start[name]), name
@@ -224,8 +226,7 @@ def test_fp4_training_follows_fp32_training(ranks):
 
 
 def test_fp4_bytes_on_the_wire(ranks):
-    sent, fp32 = ranks[0]["fp4_bytes"]
-    numel = sum(p.numel() for p in ranks[0]["fp4"].values())
+    sent, fp32, numel = ranks[0]["fp4_bytes"]
     assert fp32 == STEPS * distributed.ring_allreduce_bytes(numel, 2)
     shard = 2 * -(-numel // 4)  # half of the bucket, rounded up to whole bytes of codes
     assert sent == STEPS * 2 * (shard // 2 + -(-shard // 256))  # codes and scale bytes, there and back

@@ -123,6 +123,14 @@ def reduce_floats(values: dict[str, float], op: str = "mean") -> dict[str, float
     return dict(zip(values, t.tolist(), strict=True))
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics, GradScale scales, RNG states) to every rank.
+    DDP does this before each training forward; each rank's forward and backward then
+    change its own, so call this before every rank evaluates the model."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+
+
 def wrap(
     model: nn.Module, grad_comm: str = "fp32", chunk: int = CHUNK
 ) -> tuple[DistributedDataParallel, FP4State | None]:
