@@ -1,0 +1,263 @@
+"""fourbit inspect and fourbit bn-drift: the telemetry numbers against hand-worked values,
+the JSON they write, the CLI end to end, and BatchNorm drift (exactly 0 under fp32)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fourbit
+from fourbit import telemetry
+from fourbit.cli import main
+from fourbit.nn import LayerSpec, OperandSpec, QLinear
+from fourbit.tasks.speech import SpeechBiLSTM
+from fourbit.tasks.translate import TranslateTransformer
+from fourbit.train import RunConfig, train
+
+from .test_train_cli import _tiny_fashion
+
+
+def f32(values):
+    """The float32 numbers a float32 tensor of `values` holds, as Python floats."""
+    return [float(v) for v in np.asarray(values, dtype=np.float32)]
+
+
+def expected(x, q, lo, hi):
+    """The telemetry definitions written out on plain floats: an independent reference."""
+    e = [b - a for a, b in zip(x, q, strict=True)]
+    nonzero = [a for a in x if a != 0]
+    return {
+        "sqnr_db": 10 * math.log10(sum(a * a for a in x) / sum(d * d for d in e)),
+        "clipped": sum(a < lo or a > hi for a in x) / len(x),
+        "flushed": sum(a != 0 and b == 0 for a, b in zip(x, q, strict=True)) / len(nonzero),
+        "bias": sum(e) / sum(abs(a) for a in x),
+    }
+
+
+def check(stats, want):
+    for key, value in want.items():
+        assert stats[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+
+
+def test_operand_numbers_on_a_layer_worked_by_hand():
+    """QLinear(4 -> 1), batch 4: a fixed-scale INT4 weight, a PACT activation with clip 1.5,
+    radix-4 gradients with TPR under a fixed GradScale of 4. Every q below is worked out on
+    paper from the grids; the statistics follow from the definitions."""
+    spec = LayerSpec(
+        weight=OperandSpec("int4", scaler="fixed", scale=0.5),  # grid -4.0, -3.5, ..., 3.5
+        activation=OperandSpec("int4", scaler="pact", pact_init=1.5),  # 0, 0.1, ..., 1.5
+        grad_dx=OperandSpec("fp4_radix4"),
+        grad_dw=OperandSpec("fp4_radix4"),
+        tpr=True,  # dX: phase 1 (2·4^-k), dW: phase 0 (4^-k)
+        gradscale="none",
+        gradscale_init=4.0,
+    )
+    layer = QLinear(4, 1, bias=False, spec=spec)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, 0.3, -0.6, 5.0]]))
+    a = torch.zeros(4, 4)
+    a[0] = torch.tensor([0.0, 0.04, 0.26, 2.0])
+    c = torch.tensor([0.75, 0.075, 0.0125, 2.5e-7])  # dY; times GradScale 4: 3, 0.3, 0.05, 1e-6
+    with telemetry.Recorder(layer) as rec:
+        (layer(a.requires_grad_()).squeeze(1) * c).sum().backward()
+    assert layer.quant.observer is None  # detached after the block
+    (summary,) = rec.layers()
+    ops = summary["operands"]
+    assert summary["name"] == "" and summary["kind"] == "QLinear"
+    assert set(ops) == {"W", "A", "G_dx", "G_dw"}
+
+    # W / 0.5 = 0.2, 0.6, -1.2, 10 -> 0, 1, -1, 7 (saturates); range [-8, 7]·0.5
+    w = f32([0.1, 0.3, -0.6, 5.0])
+    check(ops["W"], expected(w, [0.0, 0.5, -0.5, 3.5], -4.0, 3.5))
+    assert ops["W"]["clipped"] == 0.25 and ops["W"]["flushed"] == 0.25
+
+    # A / 0.1 = 0, 0.4, 2.6, 20 -> 0, 0, 3, 15 (clipped at alpha); the other rows are 0
+    s = float(np.float32(1.5) / np.float32(15))
+    x_a = f32([0.0, 0.04, 0.26, 2.0]) + [0.0] * 12
+    q_a = [0.0, 0.0, float(np.float32(3) * np.float32(s)), float(np.float32(15) * np.float32(s))] + [0.0] * 12
+    check(ops["A"], expected(x_a, q_a, 0.0, 1.5))
+    assert ops["A"]["clipped"] == 1 / 16 and ops["A"]["flushed"] == 1 / 3
+
+    g = [4 * v for v in f32([0.75, 0.075, 0.0125, 2.5e-7])]
+    # phase 1: 3 -> 2 (top), 0.3 -> 0.125 (below the midpoint 0.3125), 0.05 -> 1/32, 1e-6 -> 0
+    check(ops["G_dx"], expected(g, [2.0, 0.125, 0.03125, 0.0], -2.0, 2.0))
+    # phase 0: 3 -> 1 (top), 0.3 -> 0.25, 0.05 -> 1/16 (above the midpoint 0.0390625), 1e-6 -> 0
+    check(ops["G_dw"], expected(g, [1.0, 0.25, 0.0625, 0.0], -1.0, 1.0))
+    for point in ("G_dx", "G_dw"):
+        assert ops[point]["clipped"] == 0.25 and ops[point]["flushed"] == 0.25
+        assert ops[point]["gradscale"] == {"last": 4.0, "min": 4.0, "max": 4.0}
+        assert ops[point]["format"].endswith(f"phase {1 if point == 'G_dx' else 0}")
+    assert ops["W"]["sqnr_db_per_step"] == [ops["W"]["sqnr_db"]]
+    hist = summary["grad_hist"]  # log2 of 3, 0.3, 0.05, 1e-6: bins at 1.58, -1.74, -4.32, -19.9
+    bins = [int((math.log2(v) - telemetry.HIST_LOW) / telemetry.HIST_WIDTH) for v in g]
+    assert [i for i, n in enumerate(hist["counts"]) for _ in range(n)] == sorted(bins)
+    assert hist["zero"] == hist["below"] == hist["above"] == 0
+
+
+def test_an_exact_operand_has_null_sqnr_and_no_error():
+    layer = QLinear(3, 2, spec=LayerSpec(weight=OperandSpec("int4", scaler="fixed", scale=0.25)))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.25, -0.5, 1.0], [0.0, 0.75, -2.0]]))  # on the grid
+    with telemetry.Recorder(layer) as rec:
+        layer(torch.randn(5, 3))
+    ops = rec.layers()[0]["operands"]
+    assert ops["W"]["sqnr_db"] is None and ops["W"]["bias"] == 0 and ops["W"]["clipped"] == 0
+    assert ops["A"]["sqnr_db"] is None  # an fp32 operand: q is x
+
+
+def test_block_format_range_is_per_block():
+    """MXFP4 block scale 2^(floor(log2 amax) - 2): amax 7 -> 1 (top 6), amax 3 -> 0.5 (top 3)."""
+    x = torch.zeros(2, 32)
+    x[0, :3] = torch.tensor([7.0, 6.5, -5.0])
+    x[1, :3] = torch.tensor([3.0, -2.9, 0.1])
+    lo, hi = telemetry.grid_range(OperandSpec("mxfp4"), x, phase=0, axis=-1)
+    assert torch.equal(hi[0], torch.full((32,), 6.0)) and torch.equal(hi[1], torch.full((32,), 3.0))
+    assert torch.equal(lo, -hi)
+    # blocks along the other axis: column 0 holds 7 and 3 -> its block's top is 6
+    lo, hi = telemetry.grid_range(OperandSpec("mxfp4"), x, phase=0, axis=0)
+    assert float(hi[0, 0]) == 6.0 and float(hi[0, 5]) == 6 * 2.0**-127  # all zero: the smallest scale
+
+
+def _train_steps(model, batches, loss_fn, seed=0):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    torch.manual_seed(seed)
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("recipe", ["ibm4", "luq4", "nvfp4"])
+def test_recording_leaves_training_bit_identical(recipe):
+    """The probes draw no random numbers and change no tensor: the same steps with and
+    without a Recorder end with the same parameters (luq4 / nvfp4 round stochastically)."""
+    task = SpeechBiLSTM(hidden=8)
+    batches = [task.synthetic_batch(3, 12, torch.Generator().manual_seed(i)) for i in range(2)]
+    params = []
+    for record in (False, True):
+        torch.manual_seed(0)
+        model = fourbit.convert(task.build_model(), recipe, example_input=task.model_inputs(batches[0]),
+                                verbose=False)  # fmt: skip
+        if record:
+            with telemetry.Recorder(model) as rec:
+                _train_steps(model, batches, lambda m, b: task.loss(m, b)[0])
+            assert len(rec.layers()) == 2 + 2 * 2 * 4  # proj, out, and 4 layers x 2 directions x (ih, hh)
+        else:
+            _train_steps(model, batches, lambda m, b: task.loss(m, b)[0])
+        params.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+
+
+def test_lstm_recurrent_gemm_is_pooled_over_time_steps():
+    task = SpeechBiLSTM(hidden=8)
+    batch = task.synthetic_batch(3, 12, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = fourbit.convert(task.build_model(), "ibm4", example_input=task.model_inputs(batch), verbose=False)
+    with telemetry.Recorder(model) as rec:
+        task.loss(model, batch)[0].backward()
+    layers = {layer["name"]: layer["operands"] for layer in rec.layers()}
+    # l1's input GEMM sees [T·B, 2H] once, its recurrent GEMM [B, H] at each of T steps
+    for kind in ("l1", "l1_reverse"):
+        ih, hh = layers[f"lstm.{kind}_ih"], layers[f"lstm.{kind}_hh"]
+        assert ih["A"]["elements"] == 2 * hh["A"]["elements"] == 2 * 3 * 3 * 8  # T = 12 / 4 stacked
+        assert hh["G_dw"]["elements"] == 3 * 3 * 4 * 8 and len(hh["W"]["sqnr_db_per_step"]) == 1
+
+
+def test_attention_matmuls_report_their_second_activation():
+    task = TranslateTransformer(vocab_size=60, dim=16, layers=(1, 1), heads=2, hidden=32, dropout=0.0)
+    batch = task.synthetic_batch(2, 6, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = fourbit.convert(task.build_model(), "ibm4", example_input=task.model_inputs(batch), verbose=False)
+    with telemetry.Recorder(model) as rec:
+        task.loss(model, batch)[0].backward()
+    kinds = {}
+    for layer in rec.layers():
+        kinds.setdefault(layer["kind"], []).append(set(layer["operands"]))
+    assert len(kinds["QMatmul"]) == 2 * 3  # scores and mix in 3 attentions
+    assert all({"A", "B", "G_dx", "G_dw"} <= ops for ops in kinds["QMatmul"])
+    assert all("W" in ops for ops in kinds["QLinear"])
+
+
+def test_cli_inspect_writes_json_and_plots_and_follows_train(tmp_path, capsys):
+    """Two steps of batch 48 on 96 images are one epoch: their mean loss is what
+    `fourbit train` reports for that epoch (same init, data order and augmentation)."""
+    data = _tiny_fashion(tmp_path / "data")
+    out = tmp_path / "inspect"
+    argv = ["inspect", "--task", "fashion-resnet20", "--recipes", "ibm4,mxfp4", "--steps", "2",
+            "--batch-size", "48", "--data-dir", str(data), "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "stages.0.conv1" in printed and "SQNR dB" in printed
+    result = json.loads((out / "inspect.json").read_text())
+    assert result["format"] == "fourbit-inspect" and result["version"] == 1
+    assert result["task"] == "fashion-resnet20" and list(result["recipes"]) == ["ibm4", "mxfp4"]
+    for recipe, r in result["recipes"].items():
+        assert r["steps"] == 2 and r["batch_size"] == 48 and len(r["losses"]) == 2 and r["skipped_steps"] == 0
+        names = [layer["name"] for layer in r["layers"]]
+        assert names[0] == "stem.0" and names[-1] == "fc" and len(names) == 1 + 18 + 2 + 1
+        for layer in r["layers"]:
+            for point, o in layer["operands"].items():
+                assert point in telemetry.POINTS and o["elements"] > 0
+                assert isinstance(o["sqnr_db"], float) and 0 < o["sqnr_db"] < 150
+                assert 0 <= o["clipped"] <= 1 and 0 <= o["flushed"] <= 1 and abs(o["bias"]) < 1
+                assert len(o["sqnr_db_per_step"]) == 2
+                assert ("gradscale" in o) == point.startswith("G_")
+            assert ("grad_hist" in layer) == ("G_dx" in layer["operands"])
+        conv = r["layers"][1]["operands"]
+        assert conv["W"]["format"] == ("int4 (sawb)" if recipe == "ibm4" else "mxfp4")
+    for name in ("sqnr.png", "grad_hist.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*.tmp"))
+
+    cfg = RunConfig("fashion-resnet20", "ibm4", epochs=1, batch_size=48, data_dir=str(data))
+    train(cfg, tmp_path / "train", progress=False)
+    epoch = json.loads((tmp_path / "train" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["train_loss"] == pytest.approx(sum(result["recipes"]["ibm4"]["losses"]) / 2, rel=1e-6)
+
+
+def test_cli_inspect_refuses_more_steps_than_an_epoch_and_an_unknown_layer(tmp_path, capsys):
+    data = _tiny_fashion(tmp_path / "data")
+    base = ["inspect", "--task", "fashion-resnet20", "--recipe", "ibm4", "--batch-size", "48",
+            "--data-dir", str(data), "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
+    assert main([*base, "--steps", "3"]) == 2
+    assert "exceeds the 2 steps of one epoch" in capsys.readouterr().err
+    assert main([*base, "--steps", "1", "--layer", "nope"]) == 2
+    assert "--layer 'nope'" in capsys.readouterr().err
+
+
+def test_bn_distance_by_hand():
+    bn, ref = nn.BatchNorm1d(2, eps=0.0), nn.BatchNorm1d(2, eps=0.0)
+    bn.running_mean.copy_(torch.tensor([1.0, 0.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 1.0]))
+    ref.running_var.copy_(torch.tensor([1.0, 2.0]))
+    mean, var = telemetry.bn_distance(bn, ref)
+    assert mean == pytest.approx(math.sqrt((1 / 1 + 0 / 2) / 2))
+    assert var == pytest.approx(math.sqrt((3.0**2 + (-0.5) ** 2) / 2))
+
+
+def test_cli_bn_drift_is_zero_under_fp32_and_not_under_ibm4(tmp_path, capsys):
+    data = _tiny_fashion(tmp_path / "data")
+    out = tmp_path / "bn"
+    argv = ["bn-drift", "--task", "fashion-resnet20", "--recipes", "fp32,ibm4", "--epochs", "1",
+            "--batch-size", "32", "--every", "1", "--data-dir", str(data), "--out", str(out),
+            "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    assert "fp32: after 3 steps" in capsys.readouterr().out
+    result = json.loads((out / "bn_drift.json").read_text())
+    assert result["format"] == "fourbit-bn-drift" and result["every"] == 1
+    for recipe, r in result["recipes"].items():
+        assert [rec["step"] for rec in r["records"]] == [0, 1, 2, 3]
+        assert len(r["records"][0]["mean_drift"]) == 1 + 9 * 2 + 2  # stem, 2 per block, 2 shortcuts
+        drifts = [v for rec in r["records"] for key in ("mean_drift", "var_drift") for v in rec[key].values()]
+        if recipe == "fp32":  # the shadow computes exactly what the model computes
+            assert all(d == 0 for d in drifts)
+        else:
+            assert all(d == 0 for d in r["records"][0]["mean_drift"].values())  # nothing seen yet
+            last = r["records"][-1]["var_drift"]  # the stem conv is fp16, the others 4-bit
+            assert 0 < last["stem.1"] < 1e-4 < min(v for name, v in last.items() if name != "stem.1")
+    assert (out / "bn_drift.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "ibm4" / "metrics.jsonl").exists()
+    assert main([*argv, "--resume"]) == 2
