@@ -788,3 +788,60 @@ def test_convert_fuzz():
             assert math.isfinite(loss.item()) and not any_nonfinite(grads)
 
     check()
+
+
+# -- cases the fuzzing found, kept as plain regressions (each failed before its fix) ---------------
+
+
+def test_sawb_scale_of_a_huge_finite_weight_is_finite():
+    from fourbit.scaling import sawb_scale
+
+    s = sawb_scale(torch.tensor([1e20, 1.0, -1.0, 0.5]), formats.get("int4"))
+    assert math.isfinite(s.item()) and s.item() > 0
+
+
+@pytest.mark.parametrize(
+    "make, shapes",
+    [
+        (lambda: QMatmul(), [(2, 3, 0), (2, 0, 4)]),  # an empty reduction
+        (lambda: QMatmul(), [(2, 0, 5), (2, 5, 0)]),
+        (lambda: QLinear(3, 0), [(4, 3)]),
+        (lambda: QLinear(0, 3), [(4, 0)]),
+    ],
+)
+@pytest.mark.parametrize("recipe", ["nvfp4", "ibm4"])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_zero_size_gemms_run_forward_and_backward(make, shapes, recipe):
+    layer = make()
+    spec = recipes.get(recipe).default
+    layer.quant = type(layer.quant)(spec, two_activations=isinstance(layer, QMatmul))
+    inputs = [torch.randn(s, requires_grad=True) for s in shapes]
+    y = layer(*inputs)
+    y.sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in inputs)
+
+
+def test_fp16_accumulation_over_an_empty_reduction_is_zero():
+    from fourbit.nn.gemm import chunked_fp16
+
+    out = chunked_fp16(torch.matmul, torch.ones(2, 0), torch.ones(0, 3), -1, 0, 1)
+    assert torch.equal(out, torch.zeros(2, 3))
+
+
+def test_nvfp4_tiles_of_an_empty_conv_weight():
+    values, packed = quantize_operand(formats.get("nvfp4_2d"), torch.zeros(0, 0, 0), None)
+    assert values.shape == (0, 0, 0) and packed.unpack().shape == (0, 0, 0)
+
+
+def test_a_float64_tensor_scale_computes_in_float32():
+    scale = torch.full((3,), 0.5, dtype=torch.float64)
+    for name in ("fp4_radix4", "int4", "fp4_e2m1"):
+        fmt = formats.get(name)
+        x = torch.tensor([0.3, -1.2, 2.0])
+        assert torch.equal(fmt.quantize(x, scale), fmt.quantize(x, 0.5))
+        assert fmt.decode(fmt.encode(x, scale), scale).dtype == torch.float32
+
+
+def test_pact_sees_a_negative_input_past_a_nan():
+    pact = PACT(4)
+    assert pact.observe(torch.tensor([float("nan"), -1.0, 2.0])) is True

@@ -167,8 +167,10 @@ def test_too_many_bad_steps_in_a_row_stop_with_a_loadable_checkpoint(data, tmp_p
     assert ckpt["model"]["stem.0.quant.gradscale.nonfinite"].item() == 3
 
 
-@pytest.mark.parametrize("recipe", ["fp32", "ibm4"])
-def test_a_forward_overflow_names_the_layer(recipe, data, tmp_path, monkeypatch, capsys):
+# fp32: a 3e38 weight overflows the forward; ibm4 would clip it (SAWB's float64 statistics
+# stay finite), but an inf weight makes its scale, and so the layer's output, NaN
+@pytest.mark.parametrize("recipe, bad", [("fp32", 3e38), ("ibm4", float("inf"))])
+def test_a_forward_overflow_names_the_layer(recipe, bad, data, tmp_path, monkeypatch, capsys):
     real = train_module.train_step
     calls = [0]
 
@@ -176,12 +178,11 @@ def test_a_forward_overflow_names_the_layer(recipe, data, tmp_path, monkeypatch,
         calls[0] += 1
         if calls[0] == 2:
             with torch.no_grad():
-                model.stages[4].conv1.weight[0, 0, 0, 0] = 3e38  # fp32 max is 3.4e38
+                model.stages[4].conv1.weight[0, 0, 0, 0] = bad  # fp32 max is 3.4e38
         return real(model, *args)
 
     monkeypatch.setattr(train_module, "train_step", overflow_at_step_2)
     with pytest.raises(RunStopped, match="2 steps in a row skipped") as stopped:
-        # ibm4: SAWB's scale of that weight overflows, and the layer's output is NaN
         train(_config(data, recipe, max_skipped_steps=2), tmp_path / "run", progress=False)
     assert stopped.value.exit_code == 3
     err = capsys.readouterr().err

@@ -43,10 +43,10 @@ def sawb_scale(w: Tensor, fmt: IntFormat, coefficients: tuple[float, float] | No
             )
         coefficients = SAWB_COEFFICIENTS[fmt.bits]
     c1, c2 = coefficients
-    w = w.detach().float()
     if w.numel() == 0:
         return torch.ones((), device=w.device)
-    alpha = c1 * w.square().mean().sqrt() + c2 * w.abs().mean()
+    w64 = w.detach().double()  # float64 statistics: w² of a finite float32 cannot overflow
+    alpha = (c1 * w64.square().mean().sqrt() + c2 * w64.abs().mean()).float()
     alpha = torch.where(alpha > 0, alpha, _amax(w))
     return torch.where(alpha > 0, alpha / fmt.qmax, torch.ones_like(alpha))
 
@@ -105,7 +105,7 @@ class PACT(nn.Module):
         """On the first input seen, fix signedness (and alpha when it starts from data)."""
         if self.signed < 0:
             x = x.detach().float()
-            self.signed.fill_(int(x.numel() > 0 and bool(x.min() < 0)))
+            self.signed.fill_(int(bool((x < 0).any())))  # (x.min() < 0 would miss it past a NaN)
             if self.alpha_from_data:
                 amax = _amax(x)
                 with torch.no_grad():

@@ -24,14 +24,16 @@ from fourbit.formats import kernels
 ScaleLike = float | Tensor
 
 
-def check_scale(scale: ScaleLike) -> None:
-    """Raise ValueError unless every scale is a finite positive number."""
+def check_scale(scale: ScaleLike) -> ScaleLike:
+    """`scale` (a tensor as float32: everything is computed in float32); ValueError unless
+    every scale is a finite positive number."""
     if isinstance(scale, Tensor):
         bad = scale.numel() > 0 and bool(((scale <= 0) | ~torch.isfinite(scale)).any())
     else:
         bad = not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)
     if bad:
         raise ValueError(f"scale must be a finite number > 0; got {scale!r}")
+    return scale.float() if isinstance(scale, Tensor) else scale
 
 
 def check_input(x: Tensor) -> Tensor:
@@ -107,7 +109,7 @@ class Format(ABC):
     def _prepare(self, x: Tensor, scale: ScaleLike, phase: int, rounding: str | None) -> tuple[Tensor, str]:
         """Check the arguments; return float32 x / scale and the rounding rule to use."""
         rounding = self._check(phase, rounding)
-        check_scale(scale)
+        scale = check_scale(scale)
         return check_input(x) / scale, rounding
 
     def quantize(
@@ -120,7 +122,7 @@ class Format(ABC):
     ) -> Tensor:
         """Dequantized values of `x` on this grid times `scale`, in `x`'s dtype."""
         rounding = self._check(phase, rounding)
-        check_scale(scale)
+        scale = check_scale(scale)
         x32 = check_input(x)
         s = kernels.scalar(scale)
         q = self._quantize_fast(x32, s, phase, rounding) if s is not None and kernels.applies(x32) else None
@@ -153,13 +155,13 @@ class Format(ABC):
     def decode(self, codes: Tensor, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
         """float32 values of `codes` times `scale`."""
         self._check(phase, None)
-        check_scale(scale)
+        scale = check_scale(scale)
         return self._from_codes(codes, phase) * scale
 
     def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
         """Every finite representable value times `scale`, sorted, float32, zero once."""
         self._check(phase, None)
-        check_scale(scale)
+        scale = check_scale(scale)
         v = self._from_codes(self._all_codes(), phase)
         v = v[torch.isfinite(v)]
         return torch.unique(torch.where(v == 0, torch.zeros_like(v), v)) * scale

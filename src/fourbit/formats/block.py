@@ -140,7 +140,7 @@ class BlockFormat(Format):
         y = self._arrange(_float32(x), axis)
         if scale is None:
             scale = self._default_tensor_scale(y)
-        check_scale(scale)
+        scale = check_scale(scale)
         if isinstance(scale, Tensor) and scale.numel() != 1:
             raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
@@ -194,7 +194,7 @@ class BlockFormat(Format):
         y = self._arrange(_float32(x), axis)
         if self._check(phase, rounding) == "nearest" and y.numel() and kernels.applies(y):
             scale = self._default_tensor_scale(y) if scale is None else scale
-            check_scale(scale)
+            scale = check_scale(scale)
             d = kernels.scalar(scale)
             if d is not None:
                 matrices = y if len(self.block_shape) == 2 else y.reshape(-1, 1, y.shape[-1])

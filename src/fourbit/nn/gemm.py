@@ -99,7 +99,7 @@ def chunked_fp16(op: Callable, x: Tensor, y: Tensor, x_axis: int, y_axis: int, p
         length = min(step, n - start)
         part = op(x.narrow(x_axis, start, length), y.narrow(y_axis, start, length)).half()
         total = part if total is None else total + part
-    return total.float()
+    return op(x, y).float() if total is None else total.float()  # (an empty reduction: zeros)
 
 
 def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
@@ -113,7 +113,7 @@ def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
     t = (h * signs.to(x.device)) / math.sqrt(HADAMARD_SIZE)
     moved = x.movedim(axis, -1)
     moved = F.pad(moved, (0, -moved.shape[-1] % HADAMARD_SIZE))
-    blocks = moved.reshape(*moved.shape[:-1], -1, HADAMARD_SIZE) @ t.t()
+    blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // HADAMARD_SIZE, HADAMARD_SIZE) @ t.t()
     return blocks.reshape(moved.shape).movedim(-1, axis)
 
 

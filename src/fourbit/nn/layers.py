@@ -102,7 +102,8 @@ class QLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.quant.spec.is_fp32:
             return F.linear(x, self.weight, self.bias)
-        y = self.quant.gemm(x.reshape(-1, x.shape[-1]), self.weight, linear_ops())
+        # explicit sizes, not -1: with in_features 0 (which nn.Linear takes) -1 is ambiguous
+        y = self.quant.gemm(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), self.weight, linear_ops())
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -146,7 +146,7 @@ def quantize_operand(
     if isinstance(fmt, BlockFormat):
         if len(fmt.block_shape) == 2 and x.ndim > 2:  # conv weights: tile [out, in·kernel]
             values, packed = quantize_operand(
-                fmt, x.reshape(x.shape[0], -1), scale, phase, rounding, generator
+                fmt, x.reshape(x.shape[0], math.prod(x.shape[1:])), scale, phase, rounding, generator
             )
             return values.reshape(x.shape), (dataclasses.replace(packed, shape=x.shape) if keep else None)
         enc = fmt.encode(x, scale, phase, rounding, generator, axis=axis)
