@@ -221,8 +221,8 @@ def test_fp4_training_follows_fp32_training(ranks):
         return torch.cat([(params[name] - p.detach()).reshape(-1) for name, p in start.items()])
 
     fp32, fp4 = update("fp32"), update("fp4")
-    assert rel_error(fp4, fp32) < 0.35  # measured 0.29
-    assert nn.functional.cosine_similarity(fp4, fp32, 0) > 0.93  # measured 0.958
+    assert rel_error(fp4, fp32) < 0.35  # measured 0.26
+    assert nn.functional.cosine_similarity(fp4, fp32, 0) > 0.93  # measured 0.966
 
 
 def test_fp4_bytes_on_the_wire(ranks):
@@ -249,7 +249,7 @@ def test_error_feedback_makes_the_sum_track_the_true_sum(ranks):
     applied, true = (sum(s[i] for s in steps) for i in (0, 1))
     one_step = rel_error(*steps[0])
     # without error feedback each step's error repeats (the shared signal dominates) and
-    # the sum's relative error stays near one step's
+    # the sum's relative error stays near one step's (measured: 0.041 against 0.40)
     assert rel_error(applied, true) < one_step / 5
 
 
