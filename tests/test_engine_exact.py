@@ -298,3 +298,39 @@ def test_the_observer_sees_every_operand_before_and_after_quantization():
         g, g_q, s_g = seen[point]
         assert s_g == s and torch.equal(g, dy * s)
         assert torch.equal(g_q, RADIX4.quantize(g, phase=phase))
+
+
+@pytest.mark.parametrize("torch_module, upper", [(nn.ReLU(), None), (nn.ReLU6(), 6.0)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_masked_relu_equals_torch_bit_for_bit_and_saves_one_bit(torch_module, upper, fast, monkeypatch):
+    from fourbit.formats import kernels
+    from fourbit.nn.activation import MaskedReLU
+
+    if not fast:
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    special = torch.tensor([-1.0, -0.0, 0.0, 1e-45, 0.5, 6.0, 7.0, float("inf"), -float("inf"), float("nan")])
+    x = torch.cat([special, torch.randn(99_990, generator=_gen(5)) * 4]).reshape(20, -1)
+    g = torch.randn(x.shape, generator=_gen(6))
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = MaskedReLU(upper)(ours)
+    y.backward(g)
+    torch_module(theirs).backward(g)
+    assert torch.equal(y.view(torch.int32), torch_module(x).view(torch.int32))  # NaN and -0 too
+    # (torch's ReLU6 backward is inconsistent at NaN: 0 or the gradient, by position)
+    same = ~x.isnan() if upper is not None else torch.ones_like(x, dtype=torch.bool)
+    assert torch.equal(ours.grad[same], theirs.grad[same])
+    assert sum(t.numel() * t.element_size() for t in saved) == math.ceil(x.numel() / 8)
+
+
+def test_convert_swaps_relus_only_under_a_quantized_recipe():
+    from fourbit import convert
+    from fourbit.nn.activation import MaskedReLU
+
+    def model():
+        return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 2))
+
+    q = convert(model(), "ibm4", verbose=False)
+    assert [type(m) for m in q[1::2]] == [MaskedReLU, MaskedReLU] and q[3].upper == 6.0
+    assert [type(m) for m in convert(model(), "fp32", verbose=False)[1::2]] == [nn.ReLU, nn.ReLU6]

@@ -1,5 +1,6 @@
 """`convert(model, recipe)`: swap every Linear / Conv1d / Conv2d / LSTM for its quantized
-twin, in place, with the LayerSpec the recipe's layer policy picks; `summary(model)`."""
+twin, in place, with the LayerSpec the recipe's layer policy picks; `summary(model)`.
+nn.ReLU / nn.ReLU6 modules become MaskedReLU (exact, 1 bit per element saved for backward)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from fourbit.nn import QConv1d, QConv2d, QLinear, QMatmul, QuantState
+from fourbit.nn.activation import MaskedReLU
 from fourbit.nn.lstm import QLSTM
 from fourbit.nn.spec import LayerSpec
 from fourbit.recipes import Recipe
@@ -120,6 +122,7 @@ def convert(
 
     skipped: list[Skipped] = []
     opaque_prefixes: list[str] = []
+    quantized_any = False
     for name, module in list(model.named_modules()):
         if any(name.startswith(p + ".") for p in opaque_prefixes):
             if _is_gemm(module):
@@ -144,6 +147,12 @@ def convert(
             skipped.append(Skipped(name, "LSTM", "proj_size > 0 is not supported"))
             continue
         _install(model, name, module, spec, _seed(seed, name))
+        quantized_any |= not spec.is_fp32
+    if quantized_any:  # an exact swap that saves memory: nothing to do under fp32
+        for name, module in list(model.named_modules()):
+            if type(module) in (nn.ReLU, nn.ReLU6) and name:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, MaskedReLU.from_float(module))
     model._fourbit_skipped = skipped
     if verbose:
         summary(model)

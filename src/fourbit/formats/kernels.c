@@ -273,3 +273,37 @@ float fb_abs_max(const uint32_t *x, int64_t n, int finite_only, int nthreads) {
     }
     return float_of(amax);
 }
+
+/* ---- A clipping activation that keeps one bit per element for backward (ReLU, ReLU6) -----
+ * y = min(max(x, lo), hi) (NaN stays NaN); bit i set when the gradient passes: unless
+ * x <= lo or x >= hi (with an upper bound), as torch's threshold/hardtanh backward, which
+ * pass it at x = NaN. */
+void fb_clip_with_mask(const float *x, int64_t n, float lo, float hi, int has_hi, float *y, uint8_t *bits,
+                       int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo_i, hi_i);
+        uint8_t flags[CHUNK + 8] = {0};
+        for (int64_t i = lo_i; i < hi_i; i++) {
+            float v = x[i], c = v < lo ? lo : v;
+            y[i] = c > hi ? hi : c;
+            flags[i - lo_i] = (uint8_t)(!(v <= lo) & (!(v >= hi) | !has_hi));
+        }
+        for (int64_t j = 0; j < (hi_i - lo_i + 7) / 8; j++) {
+            uint8_t byte = 0;
+            for (int b = 0; b < 8; b++) byte |= (uint8_t)(flags[8 * j + b] << b);
+            bits[lo_i / 8 + j] = byte;
+        }
+    }
+}
+
+/* out[i] = g[i] where bit i is set, else 0 */
+void fb_masked(const float *g, int64_t n, const uint8_t *bits, float *out, int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        for (int64_t i = lo; i < hi; i++) out[i] = (bits[i / 8] >> (i % 8)) & 1 ? g[i] : 0.0f;
+    }
+}

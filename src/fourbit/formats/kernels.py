@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -45,6 +46,8 @@ _SIGNATURES = {
     "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _int]),
     "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
     "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
+    "fb_clip_with_mask": (None, [_f32p, _i64, _f32, _f32, _int, _f32p, _u8p, _int]),
+    "fb_masked": (None, [_f32p, _i64, _u8p, _f32p, _int]),
 }
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -217,6 +220,26 @@ def abs_max(x: Tensor, finite_only: bool = False) -> Tensor:
     and ±inf (0 when nothing is left)."""
     x = x.contiguous()
     return torch.tensor(library().fb_abs_max(_ptr(x, _f32p), x.numel(), int(finite_only), _threads()))
+
+
+def clip_with_mask(x: Tensor, lo: float, hi: float | None) -> tuple[Tensor, Tensor]:
+    """(min(max(x, lo), hi), bits: 1 where the gradient passes, eight per byte)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    bits = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8)
+    top = math.inf if hi is None else hi
+    library().fb_clip_with_mask(
+        _ptr(x, _f32p), x.numel(), lo, top, int(hi is not None), _ptr(y, _f32p), _ptr(bits, _u8p), _threads()
+    )
+    return y, bits
+
+
+def masked(g: Tensor, bits: Tensor) -> Tensor:
+    """g where the bit is set, else 0."""
+    g = g.contiguous()
+    out = torch.empty_like(g)
+    library().fb_masked(_ptr(g, _f32p), g.numel(), _ptr(bits, _u8p), _ptr(out, _f32p), _threads())
+    return out
 
 
 if __name__ == "__main__":

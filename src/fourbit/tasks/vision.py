@@ -134,10 +134,11 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:  # projection shortcut: a 1×1 conv
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()  # a module, not F.relu, so convert can swap it (fourbit.nn.activation)
 
     def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class ResNet20(nn.Module):
@@ -146,7 +147,7 @@ class ResNet20(nn.Module):
     def __init__(self, in_channels: int = 1, classes: int = 10, widths=(16, 32, 64), blocks: int = 3):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
         layers, cin = [], widths[0]
         for i, w in enumerate(widths):
@@ -157,7 +158,7 @@ class ResNet20(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x):
-        x = self.stages(F.relu(self.stem(x)))
+        x = self.stages(self.stem(x))
         return self.fc(x.mean((2, 3)))
 
 
