@@ -71,8 +71,14 @@ def cmd_pixels(args) -> int:
 
 
 def _run_config(args, recipe: str):
+    from fourbit import distributed
     from fourbit.train import RunConfig
 
+    nproc = vars(args).get("nproc") or 1  # bn-drift has no --nproc
+    if distributed.world_size() > 1:  # started by torchrun (main joined its process group)
+        if vars(args).get("nproc") not in (None, distributed.world_size()):
+            raise ValueError(f"--nproc {nproc}, but torchrun started {distributed.world_size()} processes")
+        nproc = distributed.world_size()
     return RunConfig(
         task=args.task,
         recipe=recipe,
@@ -85,15 +91,19 @@ def _run_config(args, recipe: str):
         data_dir=str(args.data_dir) if args.data_dir else None,
         checkpoint_every=args.checkpoint_every,
         max_skipped_steps=args.max_skipped_steps,
+        nproc=nproc,
+        grad_comm=vars(args).get("grad_comm", "fp32"),
     )
 
 
 def cmd_train(args) -> int:
+    from fourbit import distributed
     from fourbit.train import train
 
     out = args.out or Path("runs") / f"{args.task}-{args.recipe}"
-    summary = train(_run_config(args, args.recipe), out, resume=args.resume, progress=not args.quiet)
-    print(f"{summary['task']} {summary['recipe']}: {summary['metric_name']} {summary['metric']:.3f} ({out})")
+    s = train(_run_config(args, args.recipe), out, resume=args.resume, progress=not args.quiet)
+    if distributed.is_main():  # (torchrun's other ranks)
+        print(f"{s['task']} {s['recipe']}: {s['metric_name']} {s['metric']:.3f} ({out})")
     return 0
 
 
@@ -115,6 +125,7 @@ def compare_table(summaries: list[dict]) -> str:
 def cmd_compare(args) -> int:
     import json
 
+    from fourbit import distributed
     from fourbit.io import atomic_write
     from fourbit.plots import plot_curves
     from fourbit.train import train
@@ -129,6 +140,8 @@ def cmd_compare(args) -> int:
         summaries.append(train(cfg, out / cfg.recipe, resume=args.resume, progress=not args.quiet))
         lines = (out / cfg.recipe / "metrics.jsonl").read_text().splitlines()
         histories[cfg.recipe] = [json.loads(line) for line in lines]
+    if not distributed.is_main():  # (torchrun's other ranks)
+        return 0
     table = compare_table(summaries)
     header = (
         f"# {args.task}: {', '.join(names)}\n\nSame seed ({args.seed}) and data order for every recipe; "
@@ -196,16 +209,19 @@ def cmd_inspect(args) -> int:
     )  # fmt: skip
     print(telemetry.format_report(result))
     atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
-    first = result["recipes"][names[0]]["layers"]
-    with_grads = [layer for layer in first if "grad_hist" in layer]
     written = [out / "inspect.json", plot_sqnr_bars(result, out / "sqnr.png")]
-    if with_grads:
+    # the gradient histogram: of the first recipe that quantizes gradients (fp32 does not)
+    for recipe, r in result["recipes"].items():
+        with_grads = [layer for layer in r["layers"] if "grad_hist" in layer]
+        if not with_grads:
+            continue
         pick = [la for la in with_grads if la["name"] == args.layer] if args.layer else []
         if args.layer and not pick:
-            raise ValueError(f"--layer {args.layer!r} is not a quantized layer of {names[0]}")
+            raise ValueError(f"--layer {args.layer!r} is not a quantized layer of {recipe}")
         layer = pick[0] if pick else with_grads[len(with_grads) // 2]
-        title = f"{args.task} / {names[0]}: gradient of {layer['name']}, {args.steps} steps"
+        title = f"{args.task} / {recipe}: gradient of {layer['name']}, {r['steps']} steps"
         written.append(plot_gradient_histogram(layer, title, out / "grad_hist.png"))
+        break
     print("wrote " + ", ".join(map(str, written)))
     return 0
 
@@ -266,6 +282,23 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="train on N processes with DistributedDataParallel, --batch-size split between them "
+        "(default 1; under torchrun, its number of processes)",
+    )
+    p.add_argument(
+        "--grad-comm",
+        choices=("fp32", "fp4"),
+        default="fp32",
+        help="how the processes exchange gradients: DDP's fp32 all-reduce, or radix-4 FP4 codes "
+        "with error feedback (about 1/8 of the bytes)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fourbit", description="Train neural networks with 4-bit numbers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,11 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one task under one recipe")
     p.add_argument("--recipe", required=True, help="a recipe name (fourbit.recipes.names())")
     _add_run_options(p)
+    _add_distributed_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("compare", help="train one task under several recipes, same seed and data order")
     p.add_argument("--recipes", required=True, help="comma-separated recipe names, the first is the baseline")
     _add_run_options(p)
+    _add_distributed_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="step time, quantizer bandwidth and saved bytes vs fp32")
@@ -330,9 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 2 bad arguments or data, 3 too many non-finite steps in a row,
     130 / 143 stopped by SIGINT / SIGTERM (a checkpoint to --resume from is saved)."""
     args = build_parser().parse_args(argv)
+    from fourbit import distributed
     from fourbit.tasks.idx import DataError
     from fourbit.train import RunStopped
 
+    joined = args.command in ("train", "compare") and distributed.from_torchrun()
+    if joined:  # `torchrun ... -m fourbit train`: this process is one rank
+        distributed.init()
     try:
         return args.func(args)
     except (ValueError, DataError) as e:
@@ -341,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"fourbit: {e}", file=sys.stderr)
         return e.exit_code
+    finally:
+        if joined:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
