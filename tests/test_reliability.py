@@ -296,7 +296,7 @@ def test_resume_mid_epoch_in_process_and_a_wrong_augmentation_state_is_caught(
     ckpt = load_checkpoint(tmp_path / "good" / "checkpoint.pt")
     assert (ckpt["progress"]["epoch"], ckpt["progress"]["step"]) == (0, 3)
 
-    ckpt["augment_rng"] = torch.Generator().manual_seed(0).get_state()
+    ckpt["ranks"][0]["augment_rng"] = torch.Generator().manual_seed(0).get_state()
     (tmp_path / "bad").mkdir()
     torch.save(ckpt, tmp_path / "bad" / "checkpoint.pt")
     for run in ("good", "bad"):

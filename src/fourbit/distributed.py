@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,10 +82,28 @@ def is_main() -> bool:
 
 def launch(nproc: int, fn: Callable, *args) -> list:
     """Run fn(*args) on `nproc` new processes joined in one process group; their return
-    values, by rank. `fn` must be importable (a module-level function)."""
+    values, by rank. `fn` must be importable (a module-level function).
+
+    While they run, a SIGTERM sent to this process is passed on to each of them, and
+    SIGINT is left to them: a terminal's Ctrl-C reaches every process of its group."""
     with tempfile.TemporaryDirectory() as tmp:
         # a file to meet in rather than a TCP port: a free port can be taken before it is used
-        mp.spawn(_worker, args=(nproc, fn, args, tmp), nprocs=nproc)
+        context = mp.spawn(_worker, args=(nproc, fn, args, tmp), nprocs=nproc, join=False)
+
+        def forward(signum, frame):
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+
+        handlers = {signal.SIGTERM: forward, signal.SIGINT: signal.SIG_IGN}
+        in_main_thread = threading.current_thread() is threading.main_thread()  # signal() works there only
+        previous = {s: signal.signal(s, h) for s, h in handlers.items()} if in_main_thread else {}
+        try:
+            while not context.join():
+                pass
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         # the files are our own children's results, which may hold any picklable object
         return [torch.load(Path(tmp) / f"{r}.pt", weights_only=False) for r in range(nproc)]
 
@@ -106,6 +126,29 @@ def shard(order: list[int]) -> list[int]:
     step t of one process with batch size B."""
     world = world_size()
     return order[: len(order) - len(order) % world][rank() :: world]
+
+
+def from_torchrun() -> bool:
+    """True in a process started by torchrun (its environment names the process group)."""
+    return {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
+
+
+def from_main(obj):
+    """Rank 0's `obj` (any picklable object) on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
+
+
+def gather(obj) -> list:
+    """Every rank's `obj` (any picklable object), by rank, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    objects = [None] * world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
 
 
 def reduce_floats(values: dict[str, float], op: str = "mean") -> dict[str, float]:

@@ -10,6 +10,13 @@ uninterrupted one.
 A step whose loss or any gradient is not finite is skipped (`train_step`); after
 `max_skipped_steps` in a row the run stops. SIGINT / SIGTERM stop it at the next step
 boundary, after a checkpoint. Either way `RunStopped` says how, and how to go on.
+
+With `nproc` > 1 the run is DistributedDataParallel on that many processes (started here,
+or by torchrun): every rank builds the same model from the seed and trains on its shard of
+each epoch's order with batch_size / nproc; whatever decides the run's course (skipping a
+step, stopping on a signal) is agreed across ranks each step, so no rank waits forever in
+a collective the others left. Rank 0 evaluates and writes every file; the checkpoint holds
+what differs between ranks (random states, FP4 error-feedback residuals) for each rank.
 """
 
 from __future__ import annotations
@@ -30,12 +37,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fourbit import recipes, tasks
+from fourbit import distributed, recipes, tasks
 from fourbit.convert import convert
 from fourbit.io import atomic_write
 from fourbit.scaling import PACT, GradScale, nonfinite_gradients
+from fourbit.tasks.idx import DataError
 
-CHECKPOINT_VERSION = 2  # 2: mid-epoch position, GradScale's non-finite counter
+# 2: mid-epoch position, GradScale's non-finite counter; 3: per-rank random states and
+# FP4 residuals ("ranks"), nproc and grad_comm in the config
+CHECKPOINT_VERSION = 3
 
 # RunConfig fields that change how a run is looked after, not its numbers: a run may be
 # resumed with other values of these
@@ -59,6 +69,8 @@ class RunConfig:
     data_dir: str | None = None
     checkpoint_every: int | None = None  # also checkpoint every N steps (None: each epoch only)
     max_skipped_steps: int = 20  # stop after this many non-finite steps in a row
+    nproc: int = 1  # processes (DDP ranks); batch_size is split between them
+    grad_comm: str = "fp32"  # gradient exchange between ranks: "fp32" (DDP's) or "fp4"
 
     def __post_init__(self):
         tasks.get(self.task)  # ValueErrors listing the known names
@@ -71,6 +83,12 @@ class RunConfig:
             raise ValueError(f"max_skipped_steps must be a positive integer; got {self.max_skipped_steps!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if not isinstance(self.nproc, int) or self.nproc < 1:
+            raise ValueError(f"nproc must be a positive integer; got {self.nproc!r}")
+        if self.grad_comm not in ("fp32", "fp4"):
+            raise ValueError(f"grad_comm must be 'fp32' or 'fp4'; got {self.grad_comm!r}")
+        if self.grad_comm == "fp4" and self.nproc == 1:
+            raise ValueError("grad_comm 'fp4' needs nproc >= 2: one process exchanges no gradients")
 
     def resolved(self, task: tasks.Task) -> RunConfig:
         d = task.defaults
@@ -88,6 +106,9 @@ class RunStopped(RuntimeError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+    def __reduce__(self):  # pickled whole: it comes back from the processes `train` launches
+        return RunStopped, (str(self), self.exit_code)
 
 
 @dataclass
@@ -160,6 +181,11 @@ def check_same_run(ckpt: dict, cfg: RunConfig, path: Path) -> None:
             raise ValueError(
                 f"{path} is from another {key}: {theirs.get(key)!r}, not {ours[key]!r}; use another --out"
             )
+    if theirs.get("nproc") != cfg.nproc:
+        raise ValueError(
+            f"{path} is from a run on {theirs.get('nproc')} process(es), not {cfg.nproc}: each process's "
+            "data shard and random states are in it; resume with the same --nproc or use another --out"
+        )
     differ = [
         f"{k} {theirs.get(k)!r} (now {v!r})"
         for k, v in ours.items()
@@ -190,7 +216,8 @@ class StepGuard:
     A healthy step costs a copy of the model's (small) buffers and one host sync after
     backward; which layer went wrong is worked out only on a bad step."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, comm: distributed.FP4State | None = None):
+        self.model, self.comm = model, comm
         self.counters = nonfinite_gradients(model)
         # What a step changes in place besides parameters and optimizer: the buffers (BN
         # running statistics and num_batches_tracked, PACT signedness, the layers' generator
@@ -200,15 +227,19 @@ class StepGuard:
         self.state += [m.alpha for m in modules if isinstance(m, PACT)]
         self.params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
 
-    def snapshot(self) -> tuple[list[Tensor], Tensor]:
-        return [t.detach().clone() for t in self.state], torch.get_rng_state()
+    def snapshot(self) -> tuple:
+        # the FP4 exchange's error-feedback residuals, which backward replaces (not mutates)
+        residuals = None if self.comm is None else _copy_residuals(self.comm.residuals)
+        return [t.detach().clone() for t in self.state], torch.get_rng_state(), residuals
 
-    def restore(self, snapshot: tuple[list[Tensor], Tensor]) -> None:
-        tensors, rng = snapshot
+    def restore(self, snapshot: tuple) -> None:
+        tensors, rng, residuals = snapshot
         with torch.no_grad():
             for t, saved in zip(self.state, tensors, strict=True):
                 t.copy_(saved)
         torch.set_rng_state(rng)
+        if self.comm is not None:  # (its byte counts stay: those bytes were sent)
+            self.comm.residuals = _copy_residuals(residuals)
 
     def counts(self) -> Tensor:
         """Every layer's non-finite gradient count, as one tensor (no host sync)."""
@@ -230,6 +261,21 @@ class StepGuard:
             name for name, p in self.params if p.grad is not None and not bool(torch.isfinite(p.grad).all())
         ]
         return f"non-finite gradient of {_names(bad)}"
+
+
+def _copy_residuals(residuals: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    return {kind: dict(by_name) for kind, by_name in residuals.items()}
+
+
+def _on_any_rank(why: str | None) -> str | None:
+    """A step is skipped on every rank when one rank must skip it (the others would wait for
+    it in backward, or step without it): the first such rank's reason, or None."""
+    if distributed.world_size() == 1:
+        return why
+    if not distributed.reduce_floats({"bad": float(why is not None)}, "sum")["bad"]:
+        return None
+    rank, why = next((r, w) for r, w in enumerate(distributed.gather(why)) if w is not None)
+    return f"rank {rank}: {why}"
 
 
 def first_nonfinite_output(model: torch.nn.Module, task: tasks.Task, batch) -> str:
@@ -258,19 +304,25 @@ def train_step(model, opt, sched, task: tasks.Task, batch, guard: StepGuard) -> 
     """One optimizer step on `batch`: (loss, examples, None), or (loss, examples, why) when
     the loss or a gradient was not finite and the step was skipped: parameters, optimizer,
     scheduler, buffers (BN statistics), PACT α and the random states stay as they were;
-    only the GradScales that saw the bad gradient backed off."""
+    only the GradScales that saw the bad gradient backed off. `model` is what the forward
+    runs through: the model itself, or on several ranks its DDP wrapper (every rank skips
+    when one must)."""
     before = guard.snapshot()
     loss, n = task.loss(model, batch)
     value = loss.item()  # checked before backward: a bad loss would back off every GradScale
+    why = None
     if not math.isfinite(value):
         guard.restore(before)  # so the rerun sees exactly this step's forward
-        where = first_nonfinite_output(model, task, batch)
+        where = first_nonfinite_output(guard.model, task, batch)  # (not through DDP: no collectives)
+        why = f"loss is {value}; the first non-finite output of the forward pass: {where}"
+    why = _on_any_rank(why)
+    if why is not None:
         guard.restore(before)
-        return value, n, f"loss is {value}; the first non-finite output of the forward pass: {where}"
+        return value, n, why
     counts = guard.counts()
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    why = guard.bad_gradients(counts)
+    why = _on_any_rank(guard.bad_gradients(counts))
     if why is not None:
         guard.restore(before)
         return value, n, why
@@ -281,7 +333,8 @@ def train_step(model, opt, sched, task: tasks.Task, batch, guard: StepGuard) -> 
 
 class _StopSignals:
     """SIGINT / SIGTERM ask the loop to stop at the next step boundary (`signum` is set);
-    a second one acts as it would have without us."""
+    a second SIGINT acts as it would have without us (a second SIGTERM may be the same stop
+    sent to every process and passed on by `distributed.launch` too)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -296,7 +349,15 @@ class _StopSignals:
 
     def _handle(self, signum, frame):
         self.signum = signum
-        signal.signal(signum, self.previous[signum])
+        if signum == signal.SIGINT:
+            signal.signal(signum, self.previous[signum])
+
+    def on_any_rank(self) -> int | None:
+        """The signal that arrived here or at another rank (every rank asks at the same step)."""
+        if distributed.world_size() == 1:
+            return self.signum
+        arrived = distributed.reduce_floats({s.name: float(self.signum == s) for s in self.SIGNALS}, "sum")
+        return next((s for s in self.SIGNALS if arrived[s.name]), None)
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -305,69 +366,117 @@ class _StopSignals:
 
 def train(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     """Train, evaluate each epoch, checkpoint each epoch (and every `checkpoint_every` steps);
-    returns (and writes) summary.json. Raises RunStopped when stopped early."""
-    run = _Run(cfg, Path(out), progress)
-    if resume and run.ckpt_path.exists():
-        run.resume()
+    returns (and writes) summary.json. Raises RunStopped when stopped early.
+
+    With cfg.nproc > 1: on every rank of a process group of that size (torchrun's), or,
+    called outside one, on that many new processes."""
+    world = distributed.world_size()
+    if world == 1 and cfg.nproc > 1:
+        return _launch(cfg, Path(out), resume, progress)
+    if world != cfg.nproc:
+        raise ValueError(f"nproc is {cfg.nproc}, but this process group has {world} processes")
+    run = _Run(cfg, Path(out), progress, resume)
     with _StopSignals() as signals:
         while run.pos.epoch < run.cfg.epochs:
-            if signals.signum is not None:  # it arrived during the evaluation
-                raise run.interrupted(None, signals.signum)
+            signum = signals.on_any_rank()  # one that arrived during the evaluation
+            if signum is not None:
+                raise run.interrupted(None, signum)
             run.train_epoch(signals)
             run.end_epoch()
     return run.write_summary()
 
 
-class _Run:
-    """One run: its data, model, optimizer, where it is, and its history."""
+def _launch(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> dict:
+    """`train` on cfg.nproc new processes: rank 0's summary, or the error that ended them."""
+    ckpt_path = out / "checkpoint.pt"
+    if resume and ckpt_path.exists():  # refused here, before starting the processes
+        check_same_run(load_checkpoint(ckpt_path), cfg.resolved(tasks.get(cfg.task)), ckpt_path)
+    result = distributed.launch(cfg.nproc, _train_on_a_rank, cfg, out, resume, progress)[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
-    def __init__(self, cfg: RunConfig, out: Path, progress: bool):
+
+def _train_on_a_rank(cfg: RunConfig, out: Path, resume: bool, progress: bool) -> dict | Exception:
+    """One process of `_launch`. The errors the CLI reports are returned, not raised: so they
+    reach the launching process whole (with RunStopped's exit status), not as a traceback."""
+    try:
+        return train(cfg, out, resume, progress)
+    except (ValueError, DataError, RunStopped) as e:
+        return e
+
+
+class _Run:
+    """One run (this rank's part of it): its data, model, optimizer, where it is, and its history."""
+
+    def __init__(self, cfg: RunConfig, out: Path, progress: bool, resume: bool = False):
         task = tasks.get(cfg.task)
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         status = task.data_status(data_dir)
         if status is not None:
             raise ValueError(status)
         self.cfg = cfg = cfg.resolved(task)
-        self.task, self.out, self.progress = task, out, progress
+        self.rank, world = distributed.rank(), distributed.world_size()
+        if cfg.batch_size % world:
+            raise ValueError(f"batch size {cfg.batch_size} does not split evenly between {world} processes")
+        self.batch_size = cfg.batch_size // world  # this rank's
+        self.task, self.out, self.progress = task, out, progress and distributed.is_main()
         self.ckpt_path = out / "checkpoint.pt"
         self.train_set = task.dataset("train", data_dir, cfg.train_limit, cfg.seed)
         test_set = task.dataset("test", data_dir, cfg.test_limit, cfg.seed)
         self.test_loader = DataLoader(test_set, batch_size=cfg.batch_size, collate_fn=task.collate)
-        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.train_set) // world / self.batch_size)  # of a shard
 
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same model on every rank
         self.model = task.build_model()
         example = task.collate([self.train_set[i] for i in range(min(2, len(self.train_set)))])
         inputs = task.model_inputs(example)
-        convert(self.model, cfg.recipe, example_input=inputs, seed=cfg.seed, verbose=progress)
+        convert(self.model, cfg.recipe, example_input=inputs, seed=cfg.seed, verbose=self.progress)
         self.opt, self.sched = _optimizer(task, self.model, cfg, cfg.epochs * self.steps_per_epoch)
-        self.guard = StepGuard(self.model)
         self.history: list[dict] = []
         self.pos, self.augment_rng, self.wall_before = Progress(), None, 0.0
         self.t_start = time.perf_counter()
+        mine = self.resume() if resume and self.ckpt_path.exists() else None
+        # `net` is what training runs through; `model` keeps rank 0's buffers, the run's state
+        self.net, self.comm = distributed.wrap(self.model, cfg.grad_comm) if world > 1 else (self.model, None)
+        if self.comm is not None and mine is not None:
+            self.comm.load_state_dict(mine["grad_comm"])
+        self.guard = StepGuard(self.model, self.comm)
 
-    def resume(self) -> None:
+    def resume(self) -> dict:
+        """Load the checkpoint (before DDP wraps the model); this rank's part of it."""
         ckpt = load_checkpoint(self.ckpt_path)
         check_same_run(ckpt, self.cfg, self.ckpt_path)
-        self.model.load_state_dict(ckpt["model"])  # in place: the StepGuard's tensors stay valid
+        mine = ckpt["ranks"][self.rank]
+        self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(mine["torch_rng"])
         self.history, self.wall_before = ckpt["history"], ckpt["wall_time_s"]
-        self.pos, self.augment_rng = Progress(**ckpt["progress"]), ckpt["augment_rng"]
+        self.pos, self.augment_rng = Progress(**ckpt["progress"]), mine["augment_rng"]
+        return mine
 
     def save_checkpoint(self, aug: torch.Generator | None) -> None:
-        """`aug`: the epoch's augmentation generator, when saving in the middle of an epoch."""
+        """`aug`: the epoch's augmentation generator, when saving in the middle of an epoch.
+        Every rank calls it; rank 0 writes."""
+        ranks = distributed.gather(
+            {
+                "torch_rng": torch.get_rng_state(),
+                "augment_rng": aug.get_state() if aug is not None else None,
+                "grad_comm": self.comm.state_dict() if self.comm is not None else None,
+            }
+        )
+        if not distributed.is_main():
+            return
         checkpoint = {
             "format": "fourbit-checkpoint",
             "version": CHECKPOINT_VERSION,
             "config": dataclasses.asdict(self.cfg),
             "progress": dataclasses.asdict(self.pos),
-            "augment_rng": aug.get_state() if aug is not None else None,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            "ranks": ranks,  # what differs between ranks
             "history": self.history,
             "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
         }
@@ -398,34 +507,38 @@ class _Run:
         """The steps of epoch `pos.epoch` from step `pos.step` on."""
         cfg, pos, epoch = self.cfg, self.pos, self.pos.epoch
         order = torch.randperm(len(self.train_set), generator=_epoch_generator(cfg.seed, epoch, 0)).tolist()
-        aug = _epoch_generator(cfg.seed, epoch, 1)
+        aug = _epoch_generator(cfg.seed, epoch, 1 + self.rank)  # each rank its own augmentation
         if pos.step:  # resumed mid-epoch: skip the batches done, augment from where it was
             aug.set_state(self.augment_rng)
-        sampler = order[pos.step * cfg.batch_size :]
-        loader = DataLoader(self.train_set, cfg.batch_size, sampler=sampler, collate_fn=self.task.collate)
-        self.model.train()
+        sampler = distributed.shard(order)[pos.step * self.batch_size :]
+        loader = DataLoader(self.train_set, self.batch_size, sampler=sampler, collate_fn=self.task.collate)
+        self.net.train()
         t0 = time.perf_counter() - pos.train_time
         desc = f"{cfg.task} {cfg.recipe} epoch {epoch + 1}/{cfg.epochs}"
         bar = tqdm(loader, desc, initial=pos.step, total=self.steps_per_epoch, disable=not self.progress)
         for batch in bar:
             batch = self.task.augment(batch, aug)
-            loss, n, why = train_step(self.model, self.opt, self.sched, self.task, batch, self.guard)
+            loss, n, why = train_step(self.net, self.opt, self.sched, self.task, batch, self.guard)
             pos.step += 1
-            pos.seen += n
             pos.train_time = time.perf_counter() - t0
-            if math.isfinite(loss):
-                pos.loss_sum += loss * n
-                pos.loss_seen += n
-            pos.in_a_row = 0 if why is None else pos.in_a_row + 1
+            finite = math.isfinite(loss)
+            done = {"seen": n, "loss_sum": loss * n if finite else 0.0, "loss_seen": n if finite else 0}
+            done = distributed.reduce_floats(done, "sum")  # the same totals on every rank
+            pos.seen += int(done["seen"])
+            pos.loss_sum += done["loss_sum"]
+            pos.loss_seen += int(done["loss_seen"])
+            pos.in_a_row = 0 if why is None else pos.in_a_row + 1  # (every rank skipped it, or none)
             if why is not None:
                 pos.skipped += 1
-                tqdm.write(f"epoch {epoch + 1}, step {pos.step}: skipped: {why}", file=sys.stderr)
+                if distributed.is_main():
+                    tqdm.write(f"epoch {epoch + 1}, step {pos.step}: skipped: {why}", file=sys.stderr)
             postfix = {"loss": f"{loss:.3f}", "samples_s": f"{pos.seen / pos.train_time:.0f}"}
             bar.set_postfix(postfix | ({"skipped": pos.skipped} if pos.skipped else {}))
             if pos.in_a_row >= cfg.max_skipped_steps:
                 raise self.diverged(aug, why)
-            if signals.signum is not None:
-                raise self.interrupted(aug, signals.signum)
+            signum = signals.on_any_rank()
+            if signum is not None:
+                raise self.interrupted(aug, signum)
             every = cfg.checkpoint_every
             if (
                 every
@@ -435,29 +548,43 @@ class _Run:
                 self.save_checkpoint(aug)  # (the last step's is the epoch checkpoint)
 
     def end_epoch(self) -> None:
-        """Evaluate, log, write metrics.jsonl and the epoch checkpoint."""
+        """Evaluate (rank 0, on its model: its buffers are the run's), log, write
+        metrics.jsonl and the epoch checkpoint."""
         pos, task = self.pos, self.task
-        self.model.eval()
-        with torch.no_grad():
-            metrics = task.evaluate(self.model, self.test_loader)
-        record = {
-            "epoch": pos.epoch + 1,
-            "train_loss": pos.loss_sum / max(pos.loss_seen, 1),
-            **metrics,
-            "lr": self.sched.get_last_lr()[0],
-            "skipped_steps": pos.skipped,
-            "epoch_time_s": pos.train_time,
-            "samples_per_s": pos.seen / pos.train_time,
-        }
-        self.history.append(record)
-        if self.progress:
-            value, loss = metrics[task.metric_name], record["train_loss"]
-            tqdm.write(f"epoch {pos.epoch + 1}: {task.metric_name} {value:.3f}, train loss {loss:.4f}")
-        _write_json_lines(self.out / "metrics.jsonl", self.history)
+        record = None
+        if distributed.is_main():
+            self.model.eval()
+            with torch.no_grad():
+                metrics = task.evaluate(self.model, self.test_loader)
+            record = {
+                "epoch": pos.epoch + 1,
+                "train_loss": pos.loss_sum / max(pos.loss_seen, 1),
+                **metrics,
+                "lr": self.sched.get_last_lr()[0],
+                "skipped_steps": pos.skipped,
+                "train_examples": pos.seen,  # on every rank together
+                "epoch_time_s": pos.train_time,
+                "samples_per_s": pos.seen / pos.train_time,
+                **self.grad_bytes(),
+            }
+            if self.progress:
+                value, loss = metrics[task.metric_name], record["train_loss"]
+                tqdm.write(f"epoch {pos.epoch + 1}: {task.metric_name} {value:.3f}, train loss {loss:.4f}")
+        self.history.append(distributed.from_main(record))
+        if distributed.is_main():
+            _write_json_lines(self.out / "metrics.jsonl", self.history)
         self.pos = pos.next_epoch()
         self.save_checkpoint(None)
 
+    def grad_bytes(self) -> dict:
+        """With the FP4 exchange: the bytes one rank sent since the run began, and their
+        ratio to what DDP's fp32 all-reduce would have sent."""
+        if self.comm is None:
+            return {}
+        return {"grad_bytes_sent_per_rank": self.comm.bytes_sent, "grad_bytes_ratio": self.comm.ratio}
+
     def write_summary(self) -> dict:
+        """summary.json (rank 0 writes it, every rank returns it) and curves.png."""
         cfg, task, history = self.cfg, self.task, self.history
         final = history[-1] if history else {}
         summary = {
@@ -469,6 +596,8 @@ class _Run:
             "lr": cfg.lr,
             "train_limit": cfg.train_limit,
             "test_limit": cfg.test_limit,
+            "nproc": cfg.nproc,
+            "grad_comm": cfg.grad_comm,
             "metric_name": task.metric_name,
             "metric": final.get(task.metric_name),
             "higher_is_better": task.higher_is_better,
@@ -477,8 +606,11 @@ class _Run:
             "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1),
             "skipped_steps": sum(h["skipped_steps"] for h in history),
             "peak_rss_mb": _peak_rss_mb(),
+            **self.grad_bytes(),
             "final": final,
         }
+        if not distributed.is_main():
+            return summary
         atomic_write(
             self.out / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")
         )
