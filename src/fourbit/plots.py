@@ -136,10 +136,8 @@ def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
         names += [layer["name"] for layer in r["layers"] if layer["name"] not in names]
     points = [p for p in ("W", "B", "A", "G_dx", "G_dw") if any(
         p in layer["operands"] for r in runs.values() for layer in r["layers"])]  # fmt: skip
-    fig, axes = plt.subplots(
-        len(points), 1, figsize=(max(8, 0.32 * len(names) * max(len(runs), 1) + 2), 2.3 * len(points) + 1),
-        sharex=True, squeeze=False,
-    )  # fmt: skip
+    size = (min(20, max(8, 0.08 * len(names) * len(runs) + 4)), 2.3 * len(points) + 1.5)
+    fig, axes = plt.subplots(len(points), 1, figsize=size, sharex=True, squeeze=False)
     width = 0.8 / max(len(runs), 1)
     for ax, point in zip(axes[:, 0], points, strict=True):
         for k, (recipe, r) in enumerate(runs.items()):
@@ -153,8 +151,8 @@ def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
             ax.bar(xs, ys, width, label=recipe)
         ax.set_ylabel(f"{point} SQNR (dB)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=min(len(runs), 4))
-    axes[0, 0].set_title(f"{result['task']}: SQNR of each GEMM operand, per layer")
+    axes[0, 0].legend(fontsize=8, ncol=min(len(runs), 6), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle(f"{result['task']}: SQNR of each GEMM operand, per layer")
     axes[-1, 0].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     return save(fig, path)
 
