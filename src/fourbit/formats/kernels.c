@@ -206,47 +206,60 @@ void fb_float_quantize(const float *x, int64_t n, float scale, int M, int emin, 
  * -127, 127) (e8m0; amax 0 -> 2**-127) or s = e4m3(amax / 6) (e4m3); elements e2m1(v / s)
  * (0 when s = 0); out = (e · s) · d. Maxima of |v| run on the bit patterns (for
  * non-negative floats, integer order is float order), which vectorizes. */
+/* One tile: rows r0..r1-1, `width` columns from c0. Inlined with width 16 or 32 as a
+ * constant, so the compiler unrolls and vectorizes the short loops. */
+static inline __attribute__((always_inline)) void block_tile(const float *x, float *out, int64_t r0,
+                                                             int64_t r1, int64_t c0, int64_t width,
+                                                             int64_t cols, float d, int e4m3) {
+    const float big = 3.4028234663852886e38f;
+    uint32_t ymax = 0, vmax = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *y = x + r * cols + c0;
+        float *o = out + r * cols + c0;
+        for (int64_t c = 0; c < width; c++) {
+            uint32_t u = bits_of(y[c]) & 0x7FFFFFFFu;
+            float v = y[c] / d;
+            v = v > big ? big : (v < -big ? -big : v);
+            o[c] = v;
+            uint32_t w = bits_of(v) & 0x7FFFFFFFu;
+            ymax = ymax > u ? ymax : u;
+            vmax = vmax > w ? vmax : w;
+        }
+    }
+    float amax = float_of(vmax), s;
+    if (ymax >= 0x7F800000u) { /* a NaN or inf */
+        s = NAN;
+    } else if (e4m3) {
+        s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f);
+    } else {
+        int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
+        s = pow2f(e < -127 ? -127 : (e > 127 ? 127 : e));
+    }
+    for (int64_t r = r0; r < r1; r++) {
+        float *o = out + r * cols + c0;
+        if (s != s) {
+            for (int64_t c = 0; c < width; c++) o[c] = NAN;
+        } else {
+            for (int64_t c = 0; c < width; c++)
+                o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f) * s) * d : 0.0f;
+        }
+    }
+}
+
 void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t cols, int R, int C, float d,
                        int e4m3, float *out, int nthreads) {
-    const float big = 3.4028234663852886e38f;
     int64_t trows = (mrows + R - 1) / R, tcols = (cols + C - 1) / C, tiles = count * trows * tcols;
 #pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t m = t / (trows * tcols), tr = t / tcols % trows, c0 = t % tcols * C;
         int64_t r0 = m * mrows + tr * R, r1 = r0 + R < (m + 1) * mrows ? r0 + R : (m + 1) * mrows;
-        int64_t c1 = c0 + C < cols ? c0 + C : cols;
-        uint32_t ymax = 0, vmax = 0;
-        for (int64_t r = r0; r < r1; r++) {
-            const float *y = x + r * cols;
-            float *o = out + r * cols;
-            for (int64_t c = c0; c < c1; c++) {
-                uint32_t u = bits_of(y[c]) & 0x7FFFFFFFu;
-                float v = y[c] / d;
-                v = v > big ? big : (v < -big ? -big : v);
-                o[c] = v;
-                uint32_t w = bits_of(v) & 0x7FFFFFFFu;
-                ymax = u > ymax ? u : ymax;
-                vmax = w > vmax ? w : vmax;
-            }
-        }
-        float amax = float_of(vmax), s;
-        if (ymax >= 0x7F800000u) { /* a NaN or inf */
-            s = NAN;
-        } else if (e4m3) {
-            s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f);
-        } else {
-            int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
-            s = pow2f(e < -127 ? -127 : (e > 127 ? 127 : e));
-        }
-        for (int64_t r = r0; r < r1; r++) {
-            float *o = out + r * cols;
-            if (s != s) {
-                for (int64_t c = c0; c < c1; c++) o[c] = NAN;
-            } else {
-                for (int64_t c = c0; c < c1; c++)
-                    o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f) * s) * d : 0.0f;
-            }
-        }
+        int64_t width = c0 + C < cols ? C : cols - c0;
+        if (width == 16)
+            block_tile(x, out, r0, r1, c0, 16, cols, d, e4m3);
+        else if (width == 32)
+            block_tile(x, out, r0, r1, c0, 32, cols, d, e4m3);
+        else
+            block_tile(x, out, r0, r1, c0, width, cols, d, e4m3);
     }
 }
 
