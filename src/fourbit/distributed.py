@@ -199,26 +199,38 @@ def wrap(
         ddp = DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=math.ceil(megabytes) + 1)
         state = FP4State(model, chunk)
         ddp.register_comm_hook(state, fp4_allreduce_hook)
-    ddp.register_forward_hook(_PACTAlphaSync(model))
+    sync = _PACTAlphaSync(model)
+    ddp.register_forward_pre_hook(sync.before)
+    ddp.register_forward_hook(sync)
     return ddp, state
 
 
 class _PACTAlphaSync:
-    """After each forward of the DDP model: rank 0's alpha to every rank for each PACT clip
-    that saw its first input in it. A clip sets alpha (a parameter) from the first input it
-    sees, as on one process, but each rank sees its own batch. Copied before backward and
-    the optimizer step, the ranks' parameters and optimizer states never differ; only the
-    first forward ran with each rank's own alpha."""
+    """Around each forward of the DDP model: rank 0's alpha to every rank for each PACT
+    clip that saw its first input in it. A clip sets alpha (a parameter) from the first
+    input it sees, as on one process, but each rank sees its own batch. Copied before
+    backward and the optimizer step, the ranks' parameters and optimizer states never
+    differ; only the first forward ran with each rank's own alpha. A clip can be unset
+    again (fourbit.train undoes a skipped step's forward), so every forward looks at every
+    clip before (`before`, a pre-hook) and after (`__call__`)."""
 
     def __init__(self, model: nn.Module):
-        self.unseen = [m for m in model.modules() if isinstance(m, PACT) and m.signed < 0]
+        self.clips = [m for m in model.modules() if isinstance(m, PACT)]
+        self.unset: list[bool] = []
+
+    def _unset(self) -> list[bool]:
+        """Whether each clip is yet to see an input (one host sync for all of them)."""
+        return (torch.stack([m.signed for m in self.clips]) < 0).tolist() if self.clips else []
+
+    def before(self, module: nn.Module, args) -> None:
+        self.unset = self._unset()
 
     def __call__(self, module: nn.Module, args, output) -> None:
-        seen = [m for m in self.unseen if m.signed >= 0]  # the same clips on every rank
-        for pact in seen:
-            # safe in the graph: of alpha, it keeps only whether alpha >= 1e-8 (clip_level's clamp)
-            dist.broadcast(pact.alpha.data, 0)
-        self.unseen = [m for m in self.unseen if m not in seen]
+        now = self._unset()  # the same on every rank
+        for pact, before, after in zip(self.clips, self.unset, now, strict=True):
+            if before and not after:
+                # safe in the graph: of alpha, it keeps only whether alpha >= 1e-8 (clip_level's clamp)
+                dist.broadcast(pact.alpha.data, 0)
 
 
 # -- the 4-bit exchange ---------------------------------------------------------------------
