@@ -7,7 +7,7 @@ activation), "G_dx" and "G_dw" (gradients arrive as s·dY, s the layer's GradSca
 Per layer and operand, in float64, pooled over every call (an LSTM's recurrent GEMM runs
 once per time step) of every inspected step:
 
-    sqnr_db    10·log10(Σx² / Σ(q−x)²); null when q == x everywhere
+    sqnr_db    10·log10(Σx² / Σ(q−x)²); null when q == x everywhere (or x is all 0)
     clipped    fraction of the elements with x outside [lo, hi], the smallest and largest
                value the operand's grid produces at the scale it was quantized with:
                INT grids scale·qmin ... scale·qmax (SAWB / max / fixed scales recomputed from
@@ -78,7 +78,7 @@ class OperandStats:
 
     def add(self, x: Tensor, q: Tensor, lo, hi, step: int) -> None:
         x, q = x.detach().double().reshape(-1), q.detach().double().reshape(-1)
-        lo, hi = (torch.as_tensor(b, dtype=torch.float64).reshape(-1) for b in (lo, hi))
+        lo, hi = (torch.as_tensor(b, dtype=torch.float64, device=x.device).reshape(-1) for b in (lo, hi))
         self.elements += x.numel()
         self.clipped += int(((x < lo) | (x > hi)).sum())
         finite = torch.isfinite(x) & torch.isfinite(q)
@@ -194,7 +194,7 @@ class LayerProbe:
         self.hist_above += int((e >= HIST_HIGH).sum())
         inside = e[(e >= HIST_LOW) & (e < HIST_HIGH)]
         index = ((inside - HIST_LOW) / HIST_WIDTH).long().clamp(max=len(self.hist) - 1)
-        self.hist += torch.bincount(index, minlength=len(self.hist))
+        self.hist += torch.bincount(index, minlength=len(self.hist)).cpu()
 
     def summary(self) -> dict:
         described = {}
@@ -307,7 +307,7 @@ def inspect(
     """inspect_recipe for each recipe: the dict written to inspect.json."""
     if steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    configs = [
+    configs = [  # (test_limit 1: the test split is loaded by the run but not used)
         RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
                   data_dir=data_dir)
         for r in recipes
