@@ -91,9 +91,15 @@ def test_block_format_fast_quantize_equals_the_definition(name, axis):
     x[200] = 1e-45
     for scale in (None, 2.0**-10, torch.tensor(0.3)):
         fast = fmt.quantize(x, scale, axis=axis)
+        fast_codes = fmt.encode(x, scale, axis=axis)
         with pure_torch():
             ref = fmt.quantize(x, scale, axis=axis)
+            ref_codes = fmt.encode(x, scale, axis=axis)
+            ref_decoded = fmt.decode(ref_codes)
         _same_bits(fast, ref)
+        for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        _same_bits(fmt.decode(fast_codes), ref_decoded)
 
 
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nvfp4_2d"])
@@ -102,10 +108,12 @@ def test_block_format_fast_quantize_of_odd_shapes(name, shape):
     fmt = formats.get(name)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 100
     for axis in {-1, 0} if len(shape) else {-1}:
-        fast = fmt.quantize(x, axis=axis)
+        fast, fast_codes = fmt.quantize(x, axis=axis), fmt.encode(x, axis=axis)
         with pure_torch():
-            ref = fmt.quantize(x, axis=axis)
+            ref, ref_codes = fmt.quantize(x, axis=axis), fmt.encode(x, axis=axis)
         _same_bits(fast, ref)
+        assert all(torch.equal(a, b) for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True))
+        _same_bits(fmt.decode(fast_codes), fmt.decode(ref_codes))
 
 
 def test_fast_paths_keep_the_input_dtype_and_fall_back_for_other_dtypes():

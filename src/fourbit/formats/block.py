@@ -51,7 +51,8 @@ class BlockFormat(Format):
       d = amax_tensor / (6 · 448) (at least 2**-149; or the `scale` argument); block scale
       s = e4m3(amax_block(x / d) / 6); elements e2m1((x / d) / s); value e · s · d.
     A block whose scale is 0 is all zero. A block holding NaN or ±inf decodes to NaN in
-    every element (OCP MX §6.3: its scale is NaN); the tensor scale ignores them. A finite
+    every element (OCP MX §6.3: its scale is NaN; its element codes are 0); the tensor scale
+    ignores them. A finite
     x / d beyond float32's range is clamped to float32's largest value (and saturates).
     """
 
@@ -144,6 +145,10 @@ class BlockFormat(Format):
         if isinstance(scale, Tensor) and scale.numel() != 1:
             raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
+        fast = self._kernel(y, scale, rounding, codes=True)
+        if fast is not None:
+            codes = self._unarrange(fast[1], x, axis)
+            return BlockCodes(codes, fast[2], d.reshape(()), axis)
 
         finite = torch.isfinite(self._to_blocks(y))
         bad = ~finite.all(-1)
@@ -164,7 +169,7 @@ class BlockFormat(Format):
 
         safe_s = torch.where(s > 0, s, 1.0).unsqueeze(-1)
         el = self.element._round(blocks / safe_s, phase, rounding, generator)
-        el = torch.where((s > 0).unsqueeze(-1), el, 0.0)
+        el = torch.where(((s > 0) & ~bad).unsqueeze(-1), el, 0.0)
         codes = self._unarrange(self._from_blocks(self.element._to_codes(el, phase), y.shape), x, axis)
         return BlockCodes(codes, scale_codes, d.reshape(()), axis)
 
@@ -173,6 +178,10 @@ class BlockFormat(Format):
         self._check(phase, None)
         d = enc.tensor_scale if scale is None else torch.as_tensor(scale, dtype=torch.float32)
         codes = self._arrange(enc.codes, enc.axis)
+        if codes.numel() and codes.device.type == "cpu" and kernels.available():
+            matrices, tile = self._matrices(codes)
+            v = kernels.block_decode(matrices, enc.scale_codes, tile, float(d), self.scale_format == "e4m3")
+            return self._unarrange(v.reshape(codes.shape), enc.codes, enc.axis)
         if self.scale_format == "e8m0":
             c = enc.scale_codes.to(torch.int32)
             s = torch.where(c == E8M0_NAN, float("nan"), exp2i(c - E8M0_BIAS))
@@ -192,16 +201,36 @@ class BlockFormat(Format):
     ) -> Tensor:
         """Dequantized values of `x`, in its dtype (see the class docstring for the scales)."""
         y = self._arrange(_float32(x), axis)
-        if self._check(phase, rounding) == "nearest" and y.numel() and kernels.applies(y):
-            scale = self._default_tensor_scale(y) if scale is None else scale
-            scale = check_scale(scale)
-            d = kernels.scalar(scale)
-            if d is not None:
-                matrices = y if len(self.block_shape) == 2 else y.reshape(-1, 1, y.shape[-1])
-                tile = self.block_shape if len(self.block_shape) == 2 else (1, *self.block_shape)
-                v = kernels.block_quantize(matrices, tile, d, self.scale_format == "e4m3")
-                return self._unarrange(v.reshape(y.shape), x, axis).to(x.dtype)
+        rounding = self._check(phase, rounding)
+        if rounding == "nearest" and y.numel() and kernels.applies(y):
+            scale = check_scale(self._default_tensor_scale(y) if scale is None else scale)
+            fast = self._kernel(y, scale, rounding, codes=False)
+            if fast is not None:
+                return self._unarrange(fast[0], x, axis).to(x.dtype)
         return self.decode(self.encode(x, scale, phase, rounding, generator, axis)).to(x.dtype)
+
+    def _matrices(self, t: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """An arranged tensor as the kernels see it (matrices tiled by R x C), and the tile."""
+        if len(self.block_shape) == 2:
+            return t, self.block_shape
+        return t.reshape(-1, 1, t.shape[-1]), (1, *self.block_shape)
+
+    def _kernel(self, y: Tensor, scale: ScaleLike, rounding: str, codes: bool):
+        """(values, element codes, scale codes) of the arranged y from formats/kernels.c,
+        shaped as the definition's; None where the kernels do not apply."""
+        d = kernels.scalar(scale)
+        if rounding != "nearest" or d is None or not y.numel() or not kernels.applies(y):
+            return None
+        matrices, tile = self._matrices(y)
+        v, element_codes, scale_codes = kernels.block_quantize(
+            matrices, tile, d, self.scale_format == "e4m3", codes
+        )
+        if not codes:
+            return v.reshape(y.shape), None, None
+        (R, C), r, c = tile, matrices.shape[-2], matrices.shape[-1]
+        grid = (-(-y.shape[-1] // C),) if len(self.block_shape) == 1 else (-(-r // R), -(-c // C))
+        lead = y.shape[: y.ndim - len(self.block_shape)]
+        return v.reshape(y.shape), element_codes.reshape(y.shape), scale_codes.reshape(*lead, *grid)
 
     def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
         """The element grid of one block whose total decode scale is `scale`."""

@@ -205,12 +205,37 @@ void fb_float_quantize(const float *x, int64_t n, float scale, int M, int emin, 
  * v = clamp(y / d, ±FLT_MAX); amax = max |v|; scale s = 2**clamp(floor_log2(amax) - 2,
  * -127, 127) (e8m0; amax 0 -> 2**-127) or s = e4m3(amax / 6) (e4m3); elements e2m1(v / s)
  * (0 when s = 0); out = (e · s) · d. Maxima of |v| run on the bit patterns (for
- * non-negative floats, integer order is float order), which vectorizes. */
-/* One tile: rows r0..r1-1, `width` columns from c0. Inlined with width 16 or 32 as a
- * constant, so the compiler unrolls and vectorizes the short loops. */
-static inline __attribute__((always_inline)) void block_tile(const float *x, float *out, int64_t r0,
-                                                             int64_t r1, int64_t c0, int64_t width,
-                                                             int64_t cols, float d, int e4m3) {
+ * non-negative floats, integer order is float order), which vectorizes.
+ * Codes (optional): e2m1 element codes (sign << 3 | index of |e| in 0, .5, 1, 1.5, 2, 3, 4, 6)
+ * and scale codes (e8m0: exponent + 127, 255 for NaN; e4m3: its bit pattern, 0x7F for NaN). */
+static const float E2M1_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                      -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+static inline uint8_t e2m1_code(float e) {
+    static const uint8_t by_twice[13] = {0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7};
+    return (uint8_t)(by_twice[(int)(fabsf(e) * 2.0f)] | (signbit(e) ? 8 : 0));
+}
+
+static inline uint8_t e4m3_code(float s) { /* s: NaN or a non-negative e4m3 value */
+    if (s != s) return 0x7F;
+    uint32_t u = bits_of(s);
+    int e = (int)(u >> 23) - 127;
+    if (e < -6) return (uint8_t)(s * 512.0f); /* subnormal (and zero): m · 2**-9 */
+    return (uint8_t)(((e + 7) << 3) | ((u >> 20) & 7));
+}
+
+static inline float e4m3_value(uint8_t c) {
+    int fld = (c >> 3) & 15, mant = c & 7;
+    if (c == 0x7F) return NAN;
+    return fld ? (float)(8 + mant) * pow2f(fld - 10) : (float)mant * pow2f(-9);
+}
+
+/* One tile: rows r0..r1-1, `width` columns from c0; returns its scale code. Inlined with
+ * width 16 or 32 as a constant, so the compiler unrolls and vectorizes the short loops. */
+static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, float *out, uint8_t *codes,
+                                                                int64_t r0, int64_t r1, int64_t c0,
+                                                                int64_t width, int64_t cols, float d,
+                                                                int e4m3) {
     const float big = 3.4028234663852886e38f;
     uint32_t ymax = 0, vmax = 0;
     for (int64_t r = r0; r < r1; r++) {
@@ -227,39 +252,83 @@ static inline __attribute__((always_inline)) void block_tile(const float *x, flo
         }
     }
     float amax = float_of(vmax), s;
+    uint8_t scale_code;
     if (ymax >= 0x7F800000u) { /* a NaN or inf */
         s = NAN;
+        scale_code = e4m3 ? 0x7F : 255;
     } else if (e4m3) {
         s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f);
+        scale_code = e4m3_code(s);
     } else {
         int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
-        s = pow2f(e < -127 ? -127 : (e > 127 ? 127 : e));
+        e = e < -127 ? -127 : (e > 127 ? 127 : e);
+        s = pow2f(e);
+        scale_code = (uint8_t)(e + 127);
     }
     for (int64_t r = r0; r < r1; r++) {
         float *o = out + r * cols + c0;
+        uint8_t *k = codes ? codes + r * cols + c0 : NULL;
         if (s != s) {
             for (int64_t c = 0; c < width; c++) o[c] = NAN;
+            if (k)
+                for (int64_t c = 0; c < width; c++) k[c] = 0;
+        } else if (k) {
+            for (int64_t c = 0; c < width; c++) {
+                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f) : 0.0f;
+                k[c] = e2m1_code(e);
+                o[c] = (e * s) * d;
+            }
         } else {
             for (int64_t c = 0; c < width; c++)
                 o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f) * s) * d : 0.0f;
         }
     }
+    return scale_code;
 }
 
+/* The tile of index t: (first row, past-last row, first column, width). */
+static inline void tile_bounds(int64_t t, int64_t mrows, int64_t cols, int R, int C, int64_t *r0, int64_t *r1,
+                               int64_t *c0, int64_t *width) {
+    int64_t trows = (mrows + R - 1) / R, tcols = (cols + C - 1) / C;
+    int64_t m = t / (trows * tcols), tr = t / tcols % trows;
+    *c0 = t % tcols * C;
+    *r0 = m * mrows + tr * R;
+    *r1 = *r0 + R < (m + 1) * mrows ? *r0 + R : (m + 1) * mrows;
+    *width = *c0 + C < cols ? C : cols - *c0;
+}
+
+/* codes / scale_codes NULL: values only (quantize); else encode too (one scale code per tile,
+ * tiles numbered matrix by matrix, row-major). */
 void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t cols, int R, int C, float d,
-                       int e4m3, float *out, int nthreads) {
-    int64_t trows = (mrows + R - 1) / R, tcols = (cols + C - 1) / C, tiles = count * trows * tcols;
+                       int e4m3, float *out, uint8_t *codes, uint8_t *scale_codes, int nthreads) {
+    int64_t tiles = count * ((mrows + R - 1) / R) * ((cols + C - 1) / C);
 #pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        int64_t m = t / (trows * tcols), tr = t / tcols % trows, c0 = t % tcols * C;
-        int64_t r0 = m * mrows + tr * R, r1 = r0 + R < (m + 1) * mrows ? r0 + R : (m + 1) * mrows;
-        int64_t width = c0 + C < cols ? C : cols - c0;
+        int64_t r0, r1, c0, width;
+        tile_bounds(t, mrows, cols, R, C, &r0, &r1, &c0, &width);
+        uint8_t sc;
         if (width == 16)
-            block_tile(x, out, r0, r1, c0, 16, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, 16, cols, d, e4m3);
         else if (width == 32)
-            block_tile(x, out, r0, r1, c0, 32, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, 32, cols, d, e4m3);
         else
-            block_tile(x, out, r0, r1, c0, width, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, width, cols, d, e4m3);
+        if (scale_codes) scale_codes[t] = sc;
+    }
+}
+
+/* Decode: out = (e2m1(code) · s) · d per element, NaN in a tile whose scale is NaN. */
+void fb_block_decode(const uint8_t *codes, const uint8_t *scale_codes, int64_t count, int64_t mrows,
+                     int64_t cols, int R, int C, float d, int e4m3, float *out, int nthreads) {
+    int64_t tiles = count * ((mrows + R - 1) / R) * ((cols + C - 1) / C);
+#pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t r0, r1, c0, width;
+        tile_bounds(t, mrows, cols, R, C, &r0, &r1, &c0, &width);
+        uint8_t sc = scale_codes[t];
+        float s = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
+        for (int64_t r = r0; r < r1; r++)
+            for (int64_t c = c0; c < c0 + width; c++) out[r * cols + c] = (E2M1_VALUES[codes[r * cols + c] & 15] * s) * d;
     }
 }
 

@@ -44,7 +44,8 @@ _SIGNATURES = {
         [_f32p, _i64, _f32, _f32, _f32p, _f32p, _int, ctypes.c_uint32, _f32p, _f32p, _int],
     ),
     "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _int]),
-    "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
+    "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _u8p, _u8p, _int]),
+    "fb_block_decode": (None, [_u8p, _u8p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
     "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
     "fb_clip_with_mask": (None, [_f32p, _i64, _f32, _f32, _int, _f32p, _u8p, _int]),
     "fb_masked": (None, [_f32p, _i64, _u8p, _f32p, _int]),
@@ -202,16 +203,40 @@ def float_quantize(x: Tensor, scale: float, mantissa_bits: int, emin: int, maxv:
     return out
 
 
-def block_quantize(y: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: bool) -> Tensor:
-    """Quantize-dequantize `y` [..., rows, cols] as MXFP4 (e8m0) / NVFP4 (e4m3), one scale per
-    R x C tile of each matrix (1-D blocks along the rows: R = 1)."""
+def _tiles(shape: torch.Size, tile: tuple[int, int]) -> int:
+    (R, C), rows, cols = tile, shape[-2], shape[-1]
+    return (shape.numel() // max(rows * cols, 1)) * -(-rows // R) * -(-cols // C)
+
+
+def block_quantize(
+    y: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: bool, codes: bool = False
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(values, element codes, scale codes) of `y` [..., rows, cols] as MXFP4 (e8m0) / NVFP4
+    (e4m3), one scale per R x C tile of each matrix (1-D blocks along the rows: R = 1); the
+    codes only when asked for (one per element; one per tile, matrix by matrix, row-major)."""
     y = y.contiguous()
     out = torch.empty_like(y)
+    element_codes = torch.empty(y.shape, dtype=torch.uint8) if codes else None
+    scale_codes = torch.empty(_tiles(y.shape, tile), dtype=torch.uint8) if codes else None
     (R, C), rows, cols = tile, y.shape[-2], y.shape[-1]
     count = y.numel() // max(rows * cols, 1)
     library().fb_block_quantize(
-        _ptr(y, _f32p), count, rows, cols, R, C, tensor_scale, int(e4m3), _ptr(out, _f32p), _threads()
-    )
+        _ptr(y, _f32p), count, rows, cols, R, C, tensor_scale, int(e4m3), _ptr(out, _f32p),
+        _ptr(element_codes, _u8p), _ptr(scale_codes, _u8p), _threads(),
+    )  # fmt: skip
+    return out, element_codes, scale_codes
+
+
+def block_decode(codes: Tensor, scale_codes: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: bool):
+    """Inverse of block_quantize's codes: float32 values shaped like `codes`."""
+    codes, scale_codes = codes.contiguous(), scale_codes.contiguous()
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    (R, C), rows, cols = tile, codes.shape[-2], codes.shape[-1]
+    count = codes.numel() // max(rows * cols, 1)
+    library().fb_block_decode(
+        _ptr(codes, _u8p), _ptr(scale_codes, _u8p), count, rows, cols, R, C, tensor_scale, int(e4m3),
+        _ptr(out, _f32p), _threads(),
+    )  # fmt: skip
     return out
 
 
