@@ -49,19 +49,23 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 # -- the process group ----------------------------------------------------------------------
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """The process group's backend: gloo (CPU tensors) unless `init` was asked for nccl."""
+    return dist.get_backend() if dist.is_initialized() else "gloo"
 
 
-def init(rank: int | None = None, world_size: int | None = None, rendezvous: str | None = None) -> None:
+def init(
+    rank: int | None = None, world_size: int | None = None, rendezvous: str | None = None, device: str = "cpu"
+) -> None:
     """Join the process group: as `rank` of `world_size`, meeting in the file `rendezvous`
-    (what `launch` does), or, without arguments, from torchrun's environment variables."""
+    (what `launch` does), or, without arguments, from torchrun's environment variables.
+    device "cuda" (models on GPUs, one per process) uses nccl; "cpu" (`fourbit train`) gloo."""
     dist.init_process_group(
-        backend(),
+        "nccl" if device == "cuda" else "gloo",
         init_method=None if rendezvous is None else f"file://{rendezvous}",
         rank=-1 if rank is None else rank,
         world_size=-1 if world_size is None else world_size,
     )
-    if torch.cuda.is_available():  # one GPU per process; torchrun names it LOCAL_RANK
+    if device == "cuda":  # one GPU per process; torchrun names it LOCAL_RANK
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank())) % torch.cuda.device_count())
 
 
