@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m fourbit.formats.kernels || echo "fourbit: C kernels not built, using pure PyTorch (slower)"
+	$(PY) -c "from fourbit.formats import kernels; print(kernels.build())" \
+		|| echo "fourbit: C kernels not built, using pure PyTorch (slower)"
 	touch $(STAMP)
 
 data:

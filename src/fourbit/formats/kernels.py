@@ -8,7 +8,7 @@ architecture), and for tensors it does not cover (not CPU float32), the pure-PyT
 definitions run instead: they are the oracle, and tests/test_fast_paths.py asserts that
 both give the same bits. FOURBIT_KERNELS=0 turns the fast path off.
 
-    python -m fourbit.formats.kernels      # build (if needed) and print the library's path
+    python -c "from fourbit.formats import kernels; print(kernels.build())"   # what make runs
 """
 
 from __future__ import annotations
@@ -265,7 +265,3 @@ def masked(g: Tensor, bits: Tensor) -> Tensor:
     out = torch.empty_like(g)
     library().fb_masked(_ptr(g, _f32p), g.numel(), _ptr(bits, _u8p), _ptr(out, _f32p), _threads())
     return out
-
-
-if __name__ == "__main__":
-    print(build())
