@@ -20,7 +20,8 @@ once per time step) of every inspected step:
     gradscale  (G operands) the GradScale value: at the last call, smallest, largest
 Non-finite x (a step the training loop then skips) is counted in `nonfinite` and left out
 of the sums. `sqnr_db_per_step` is the same SQNR step by step; `grad_hist` counts
-log2 |s·dY| of the dX-GEMM gradient (the quantizer's input) in bins of HIST_WIDTH.
+log2 |s·dY| of the dX-GEMM gradient (the quantizer's input) in bins of HIST_WIDTH from
+HIST_LOW to HIST_HIGH (the last bin closed), with the zeros, those below and above apart.
 
 Only layers with a quantized spec are seen: an fp32 layer calls the plain torch op.
 """
@@ -77,22 +78,26 @@ class OperandStats:
     gradscales: list[float] = field(default_factory=list)
 
     def add(self, x: Tensor, q: Tensor, lo, hi, step: int) -> None:
-        x, q = x.detach().double().reshape(-1), q.detach().double().reshape(-1)
-        lo, hi = (torch.as_tensor(b, dtype=torch.float64, device=x.device).reshape(-1) for b in (lo, hi))
+        """One call's operand: x (float32) and q, `lo` / `hi` numbers or per-element tensors."""
+        x, q = x.detach().reshape(-1), q.detach().reshape(-1)
+        x64 = x.double()
+        lo, hi = (b.to(x.device, torch.float64).reshape(-1) if isinstance(b, Tensor) else b for b in (lo, hi))
         self.elements += x.numel()
-        self.clipped += int(((x < lo) | (x > hi)).sum())
-        finite = torch.isfinite(x) & torch.isfinite(q)
-        if not bool(finite.all()):
-            self.nonfinite += int((~finite).sum())
-            x, q = x[finite], q[finite]
-        e = q - x
-        self.nonzero += int((x != 0).sum())
-        self.flushed += int(((x != 0) & (q == 0)).sum())
-        x2, e2 = float(x.square().sum()), float(e.square().sum())
+        self.clipped += int(torch.count_nonzero((x64 < lo) | (x64 > hi)))
+        e = q.double() - x64  # finite exactly where x and q both are
+        x2, e2 = float(torch.dot(x64, x64)), float(torch.dot(e, e))
+        if not math.isfinite(x2 + e2):  # (float32 values cannot overflow these float64 sums)
+            finite = torch.isfinite(e)
+            self.nonfinite += finite.numel() - int(torch.count_nonzero(finite))
+            x, q, x64, e = x[finite], q[finite], x64[finite], e[finite]
+            x2, e2 = float(torch.dot(x64, x64)), float(torch.dot(e, e))
+        nonzero = x != 0
+        self.nonzero += int(torch.count_nonzero(nonzero))
+        self.flushed += int(torch.count_nonzero(nonzero & (q == 0)))
         self.sum_x2 += x2
         self.sum_e2 += e2
         self.sum_e += float(e.sum())
-        self.sum_abs += float(x.abs().sum())
+        self.sum_abs += float(torch.linalg.vector_norm(x64, 1))
         sums = self.per_step.setdefault(step, [0.0, 0.0])
         sums[0] += x2
         sums[1] += e2
@@ -186,15 +191,13 @@ class LayerProbe:
                 self._histogram(x)
 
     def _histogram(self, g: Tensor) -> None:
-        a = g.detach().float().abs().reshape(-1)
-        a = a[torch.isfinite(a)]
-        self.hist_zero += int((a == 0).sum())
-        e = torch.log2(a[a > 0])
-        self.hist_below += int((e < HIST_LOW).sum())
-        self.hist_above += int((e >= HIST_HIGH).sum())
-        inside = e[(e >= HIST_LOW) & (e < HIST_HIGH)]
-        index = ((inside - HIST_LOW) / HIST_WIDTH).long().clamp(max=len(self.hist) - 1)
-        self.hist += torch.bincount(index, minlength=len(self.hist)).cpu()
+        a = g.detach().reshape(-1).abs()
+        e = torch.log2(a)  # 0 -> -inf; NaN stays NaN and is counted nowhere
+        zero = a.numel() - int(torch.count_nonzero(a))
+        self.hist_zero += zero
+        self.hist_below += int(torch.count_nonzero(e < HIST_LOW)) - zero
+        self.hist_above += int(torch.count_nonzero(e > HIST_HIGH))
+        self.hist += torch.histc(e, len(self.hist), HIST_LOW, HIST_HIGH).long().cpu()
 
     def summary(self) -> dict:
         described = {}
