@@ -380,12 +380,28 @@ void fb_clip_with_mask(const float *x, int64_t n, float lo, float hi, int has_hi
     }
 }
 
-/* out[i] = g[i] where bit i is set, else 0 */
-void fb_masked(const float *g, int64_t n, const uint8_t *bits, float *out, int nthreads) {
+/* out[i] = g[i] where bit i is set, else +0: eight elements at a time, ANDed with the
+ * eight 32-bit masks a byte of bits stands for (a table), which vectorizes */
+static uint32_t BYTE_MASKS[256][8];
+
+static void masked_range(const uint32_t *restrict g, int64_t lo, int64_t hi, const uint8_t *restrict bits,
+                         uint32_t *restrict out) {
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8) {
+        const uint32_t *m = BYTE_MASKS[bits[i / 8]];
+        for (int k = 0; k < 8; k++) out[i + k] = g[i + k] & m[k];
+    }
+    for (; i < hi; i++) out[i] = g[i] & BYTE_MASKS[bits[i / 8]][i % 8];
+}
+
+void fb_masked(const uint32_t *g, int64_t n, const uint8_t *bits, uint32_t *out, int nthreads) {
+    if (!BYTE_MASKS[255][7]) /* filled on first use; every thread would write the same values */
+        for (int b = 0; b < 256; b++)
+            for (int k = 0; k < 8; k++) BYTE_MASKS[b][k] = (b >> k) & 1 ? 0xFFFFFFFFu : 0u;
     int64_t chunks = (n + CHUNK - 1) / CHUNK;
 #pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
     for (int64_t ch = 0; ch < chunks; ch++) {
         CHUNK_BOUNDS(ch, n, lo, hi);
-        for (int64_t i = lo; i < hi; i++) out[i] = (bits[i / 8] >> (i % 8)) & 1 ? g[i] : 0.0f;
+        masked_range(g, lo, hi, bits, out);
     }
 }

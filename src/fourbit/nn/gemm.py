@@ -63,15 +63,22 @@ def linear_ops() -> GemmOps:
 
 
 def conv_ops(dims: int, stride, padding, dilation, groups: int, kernel_numel: int) -> GemmOps:
-    """a [N, C, *spatial], w [O, C/groups, *kernel] -> y [N, O, *spatial_out]."""
+    """a [N, C, *spatial], w [O, C/groups, *kernel] -> y [N, O, *spatial_out] (padding: ints)."""
     conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    conv_input = getattr(torch.nn.grad, f"conv{dims}d_input")
-    conv_weight = getattr(torch.nn.grad, f"conv{dims}d_weight")
     args = (stride, padding, dilation, groups)
+    geometry = (list(stride), list(padding), list(dilation), False, [0] * dims, groups)
+
+    def backward(g: Tensor, a: Tensor, w: Tensor, which: int) -> Tensor:
+        # torch.nn.grad.convNd_input/_weight pass an expanded 1-element tensor for the operand
+        # they do not need, which the CPU convolution copies out in full (~50 % slower): an
+        # uninitialized tensor of that shape stands in for it here (only its shape is read)
+        mask = (which == 0, which == 1, False)
+        return torch.ops.aten.convolution_backward(g, a, w, None, *geometry, mask)[which]
+
     return GemmOps(
         forward=lambda a, w: conv(a, w, None, *args),
-        grad_a=lambda g, w, shape: conv_input(shape, w, g, *args),
-        grad_b=lambda a, g, shape: conv_weight(a, shape, g, *args),
+        grad_a=lambda g, w, shape: backward(g, g.new_empty(shape), w, 0),
+        grad_b=lambda a, g, shape: backward(g, a, g.new_empty(shape), 1),
         a_fwd=1, b_fwd=1, g_da=1, b_da=0, a_db=0, g_db=0,
         fwd_slice=kernel_numel,
         db_slice=lambda g: math.prod(g.shape[2:]),
