@@ -288,16 +288,18 @@ class QuantizedGemm(torch.autograd.Function):
                 if g_q is not None:
                     state.observer(point, x, g_q, float(s))
 
+        # (the GEMM outputs are fresh tensors: unscaled in place, with no new allocation)
         da = db = None
         if need_da:
             b_q = b_for_da.unpack()
-            da = _gemm(ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape) / s
+            da = _gemm(ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape)
+            da.div_(s)
         if need_db:
             a_q = a_for_db.unpack()
             db = _gemm(
                 ops.grad_b, a_q, g_dw, ops.a_db, ops.g_db, ops.db_slice(g_dw), spec.accumulate, b_shape
             )
-            db = db / s
+            db.div_(s)
         state.return_generator(gen)
 
         # PACT: straight-through inside the clip, and the gradient of the clip level alpha
