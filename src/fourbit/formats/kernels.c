@@ -32,6 +32,17 @@ static inline float float_of(uint32_t u) {
     return f;
 }
 
+/* bits[j] = flags[8j] | flags[8j+1] << 1 | ... (flags 0 or 1, zero-padded to a multiple of
+ * 8): one multiply per byte, as the magic constant moves byte k's low bit to bit 56 + k
+ * without carries */
+static inline void pack_flags(const uint8_t *flags, int64_t m, uint8_t *bits) {
+    for (int64_t j = 0; j < (m + 7) / 8; j++) {
+        uint64_t eight;
+        memcpy(&eight, flags + 8 * j, 8);
+        bits[j] = (uint8_t)((eight * 0x0102040810204080ull) >> 56);
+    }
+}
+
 /* 2**e as a float32, exact for -149 <= e <= 127 */
 static inline float pow2f(int e) {
     return e >= -126 ? float_of((uint32_t)(e + 127) << 23) : float_of(1u << (e + 149));
@@ -77,12 +88,7 @@ int64_t fb_int_quantize(const float *x, int64_t n, float scale, float lo_clip, f
         for (int64_t k = m; k < m + 8; k++) flags[k] = 0;
         if (nibbles)
             for (int64_t j = 0; j < (m + 1) / 2; j++) nibbles[lo / 2 + j] = codes[2 * j] | (codes[2 * j + 1] << 4);
-        if (clip)
-            for (int64_t j = 0; j < (m + 7) / 8; j++) {
-                uint8_t byte = 0;
-                for (int b = 0; b < 8; b++) byte |= (uint8_t)(flags[8 * j + b] << b);
-                clip[lo / 8 + j] = byte;
-            }
+        if (clip) pack_flags(flags, m, clip + lo / 8);
     }
     return nans;
 }
@@ -372,11 +378,7 @@ void fb_clip_with_mask(const float *x, int64_t n, float lo, float hi, int has_hi
             y[i] = c > hi ? hi : c;
             flags[i - lo_i] = (uint8_t)(!(v <= lo) & (!(v >= hi) | !has_hi));
         }
-        for (int64_t j = 0; j < (hi_i - lo_i + 7) / 8; j++) {
-            uint8_t byte = 0;
-            for (int b = 0; b < 8; b++) byte |= (uint8_t)(flags[8 * j + b] << b);
-            bits[lo_i / 8 + j] = byte;
-        }
+        pack_flags(flags, hi_i - lo_i, bits + lo_i / 8);
     }
 }
 
