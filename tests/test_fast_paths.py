@@ -264,3 +264,12 @@ def test_a_training_step_runs_on_a_gpu(recipe, convert_first):
         loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
     assert all(p.is_cuda for p in model.parameters())  # PACT's α too, whichever came first
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(0.0), torch.tensor(-0.5), torch.tensor(float("nan"))])
+def test_int_operand_refuses_a_bad_scale_on_both_paths(scale):
+    grid = formats.IntFormat(4, signed=False)
+    with pytest.raises(ValueError, match="scale must be"):
+        quantize_int_operand(grid, torch.randn(10), scale)
+    with pure_torch(), pytest.raises(ValueError, match="scale must be"):
+        quantize_int_operand(grid, torch.randn(10), scale)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fourbit.formats import BlockCodes, BlockFormat, FloatFormat, Format, IntFormat, kernels
+from fourbit.formats.base import check_scale
 from fourbit.nn.spec import OperandSpec
 from fourbit.scaling import max_scale, sawb_scale
 
@@ -185,6 +186,7 @@ def quantize_int_operand(
     x = x.float()
     signed = grid.signed
     if (grid.roundings[0] if rounding is None else rounding) == "nearest" and kernels.applies(x):
+        check_scale(scale)  # (a PACT clip trained to <= 0 is an error here as in grid.encode)
         lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (-math.inf, math.inf)
         values, nibbles, clip_bits, nans = kernels.int_quantize(
             x,
