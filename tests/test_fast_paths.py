@@ -73,10 +73,10 @@ def test_every_format_fast_quantize_equals_the_definition(name, scale):
     fmt = formats.get(name)
     x = _inputs()
     for phase in fmt.phases:
-        for rounding in [r for r in fmt.roundings if r != "stochastic"]:
-            fast = fmt.quantize(x, scale, phase, rounding)
+        for rounding in fmt.roundings:  # stochastic ones with the same generator state
+            fast = fmt.quantize(x, scale, phase, rounding, torch.Generator().manual_seed(7))
             with pure_torch():
-                ref = fmt.quantize(x, scale, phase, rounding)
+                ref = fmt.quantize(x, scale, phase, rounding, torch.Generator().manual_seed(7))
             _same_bits(fast, ref)
 
 
