@@ -1,5 +1,6 @@
 """Fast quantizer paths against the plain reference definitions, bit for bit."""
 
+import dataclasses
 from contextlib import contextmanager
 
 import pytest
@@ -80,21 +81,40 @@ def test_every_format_fast_quantize_equals_the_definition(name, scale):
             _same_bits(fast, ref)
 
 
+@pytest.mark.parametrize("name", LOG_FORMATS)
+@pytest.mark.parametrize("scale", [1.0, 0.37, 2.0**-20], ids=str)
+def test_stochastic_underflow_fast_quantize_equals_the_definition(name, scale):
+    """LUQ's gradient format: stochastic rounding and stochastic underflow, two draws each."""
+    fmt = dataclasses.replace(formats.get(name), underflow="stochastic")
+    x = _inputs()
+    for phase in fmt.phases:
+        for rounding in fmt.roundings:
+            fast = fmt.quantize(x, scale, phase, rounding, torch.Generator().manual_seed(7))
+            with pure_torch():
+                ref = fmt.quantize(x, scale, phase, rounding, torch.Generator().manual_seed(7))
+            _same_bits(fast, ref)
+
+
 @pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "nvfp4_2d"])
 @pytest.mark.parametrize("axis", [-1, 0])
-def test_block_format_fast_quantize_equals_the_definition(name, axis):
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_block_format_fast_quantize_equals_the_definition(name, axis, rounding):
     fmt = formats.get(name)
     x = _inputs()
     x = x[: x.numel() // 50 * 50].reshape(-1, 50)  # 50: blocks padded at the end of each row
     x[7, 3] = float("nan")  # one NaN block, one inf block, and one of subnormals only
     x[100, 40] = float("-inf")
     x[200] = 1e-45
+
+    def draws():  # the same generator state for both paths (stochastic rounding)
+        return {"rounding": rounding, "generator": torch.Generator().manual_seed(7), "axis": axis}
+
     for scale in (None, 2.0**-10, torch.tensor(0.3)):
-        fast = fmt.quantize(x, scale, axis=axis)
-        fast_codes = fmt.encode(x, scale, axis=axis)
+        fast = fmt.quantize(x, scale, **draws())
+        fast_codes = fmt.encode(x, scale, **draws())
         with pure_torch():
-            ref = fmt.quantize(x, scale, axis=axis)
-            ref_codes = fmt.encode(x, scale, axis=axis)
+            ref = fmt.quantize(x, scale, **draws())
+            ref_codes = fmt.encode(x, scale, **draws())
             ref_decoded = fmt.decode(ref_codes)
         _same_bits(fast, ref)
         for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True):
@@ -114,6 +134,12 @@ def test_block_format_fast_quantize_of_odd_shapes(name, shape):
         _same_bits(fast, ref)
         assert all(torch.equal(a, b) for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True))
         _same_bits(fmt.decode(fast_codes), fmt.decode(ref_codes))
+        # stochastic: one draw per element of the padded block layout, in the same order
+        draws = {"axis": axis, "rounding": "stochastic"}
+        fast = fmt.quantize(x, **draws, generator=torch.Generator().manual_seed(2))
+        with pure_torch():
+            ref = fmt.quantize(x, **draws, generator=torch.Generator().manual_seed(2))
+        _same_bits(fast, ref)
 
 
 def test_fast_paths_keep_the_input_dtype_and_fall_back_for_other_dtypes():

@@ -45,11 +45,13 @@ def check_input(x: Tensor) -> Tensor:
     return x.float()
 
 
-def random_uniform(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U[0, 1) draws shaped like `like`, from `generator` (torch's global one when None).
-    Drawn on the generator's device, then moved: the same draws for a model on any device."""
+def random_uniform(like: Tensor, generator: torch.Generator | None, shape: tuple | None = None) -> Tensor:
+    """float32 U[0, 1) draws shaped like `like` (or `shape`), on its device, from `generator`
+    (torch's global one when None). Drawn on the generator's device, then moved: the same
+    draws for a model on any device."""
     device = like.device if generator is None else generator.device
-    return torch.rand(like.shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+    shape = like.shape if shape is None else shape
+    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
 
 def round_half_even(y: Tensor) -> Tensor:
@@ -125,14 +127,16 @@ class Format(ABC):
         scale = check_scale(scale)
         x32 = check_input(x)
         s = kernels.scalar(scale)
-        q = self._quantize_fast(x32, s, phase, rounding) if s is not None and kernels.applies(x32) else None
+        fast = s is not None and kernels.applies(x32)
+        q = self._quantize_fast(x32, s, phase, rounding, generator) if fast else None
         if q is None:
             q = self._round(x32 / scale, phase, rounding, generator) * scale
         return q.to(x.dtype)
 
-    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str, generator) -> Tensor | None:
         """quantize() of a CPU float32 `x` by a one-pass kernel (formats/kernels.c), bit-equal
-        to the definition; None where no kernel covers this case."""
+        to the definition (stochastic rounding: from the same draws of `generator`); None
+        where no kernel covers this case."""
         return None
 
     def encode(

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fourbit.formats import kernels
-from fourbit.formats.base import Format, ScaleLike, check_input, check_scale, exp2i, floor_log2
+from fourbit.formats.base import (
+    Format,
+    ScaleLike,
+    check_input,
+    check_scale,
+    exp2i,
+    floor_log2,
+    random_uniform,
+)
 from fourbit.formats.floating import FloatFormat
 
 FP4_E2M1 = FloatFormat(2, 1, bias=1, specials="finite", name="fp4_e2m1")
@@ -145,7 +153,7 @@ class BlockFormat(Format):
         if isinstance(scale, Tensor) and scale.numel() != 1:
             raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
-        fast = self._kernel(y, scale, rounding, codes=True)
+        fast = self._kernel(y, scale, rounding, generator, codes=True)
         if fast is not None:
             codes = self._unarrange(fast[1], x, axis)
             return BlockCodes(codes, fast[2], d.reshape(()), axis)
@@ -202,9 +210,9 @@ class BlockFormat(Format):
         """Dequantized values of `x`, in its dtype (see the class docstring for the scales)."""
         y = self._arrange(_float32(x), axis)
         rounding = self._check(phase, rounding)
-        if rounding == "nearest" and y.numel() and kernels.applies(y):
+        if y.numel() and kernels.applies(y):
             scale = check_scale(self._default_tensor_scale(y) if scale is None else scale)
-            fast = self._kernel(y, scale, rounding, codes=False)
+            fast = self._kernel(y, scale, rounding, generator, codes=False)
             if fast is not None:
                 return self._unarrange(fast[0], x, axis).to(x.dtype)
         return self.decode(self.encode(x, scale, phase, rounding, generator, axis)).to(x.dtype)
@@ -215,21 +223,23 @@ class BlockFormat(Format):
             return t, self.block_shape
         return t.reshape(-1, 1, t.shape[-1]), (1, *self.block_shape)
 
-    def _kernel(self, y: Tensor, scale: ScaleLike, rounding: str, codes: bool):
+    def _kernel(self, y: Tensor, scale: ScaleLike, rounding: str, generator, codes: bool):
         """(values, element codes, scale codes) of the arranged y from formats/kernels.c,
         shaped as the definition's; None where the kernels do not apply."""
         d = kernels.scalar(scale)
-        if rounding != "nearest" or d is None or not y.numel() or not kernels.applies(y):
+        if d is None or not y.numel() or not kernels.applies(y):
             return None
         matrices, tile = self._matrices(y)
-        v, element_codes, scale_codes = kernels.block_quantize(
-            matrices, tile, d, self.scale_format == "e4m3", codes
-        )
-        if not codes:
-            return v.reshape(y.shape), None, None
         (R, C), r, c = tile, matrices.shape[-2], matrices.shape[-1]
         grid = (-(-y.shape[-1] // C),) if len(self.block_shape) == 1 else (-(-r // R), -(-c // C))
         lead = y.shape[: y.ndim - len(self.block_shape)]
+        # stochastic: the definition's draws, one per element of its padded block layout
+        u = random_uniform(y, generator, (*lead, *grid, R * C)) if rounding == "stochastic" else None
+        v, element_codes, scale_codes = kernels.block_quantize(
+            matrices, tile, d, self.scale_format == "e4m3", codes, u
+        )
+        if not codes:
+            return v.reshape(y.shape), None, None
         return v.reshape(y.shape), element_codes.reshape(y.shape), scale_codes.reshape(*lead, *grid)
 
     def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:

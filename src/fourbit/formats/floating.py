@@ -141,11 +141,12 @@ class FloatFormat(Format):
             return self._max
         return float("inf") if self.specials == "ieee" else float("nan")
 
-    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
-        if rounding != "nearest" or not self.subnormals or self.emin < -126:
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str, generator) -> Tensor | None:
+        if not self.subnormals or self.emin < -126:
             return None
+        u = random_uniform(x, generator) if rounding == "stochastic" else None
         M, top = self.mantissa_bits, self._overflow_value
-        return kernels.float_quantize(x, scale, M, self.emin, self._max, top)
+        return kernels.float_quantize(x, scale, M, self.emin, self._max, top, u)
 
     def _to_codes(self, q: Tensor, phase: int) -> Tensor:
         E, M = self.exponent_bits, self.mantissa_bits

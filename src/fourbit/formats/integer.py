@@ -58,7 +58,7 @@ class IntFormat(Format):
         # + 0.0 turns -0.0 into 0.0: an integer has no sign of zero (and its code keeps none)
         return torch.clamp(r, self.qmin, self.qmax) + 0.0
 
-    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str, generator) -> Tensor | None:
         if rounding != "nearest":
             return None
         return kernels.int_quantize(x, scale, self.qmin, self.qmax)[0]

@@ -183,25 +183,75 @@ void fb_table_quantize(const float *x, int64_t n, float premul, float scale, con
     }
 }
 
-/* ---- FloatFormat, nearest-even, subnormals kept, saturating -------------------------------
- * For emin >= -126: quantum = 2**(max(floor_log2|y|, emin) - M), q = rint(|y| / quantum) ·
- * quantum; q > maxv (|y| = inf included) gives `top` (maxv, or inf/NaN for IEEE-like
- * overflow). Written with selects, not branches, so the compiler vectorizes it. */
-static inline float float_round(float y, int M, int emin, float maxv, float top) {
+/* ---- LogFormat, stochastic (LUQ): y = x / scale, a = |y|; k = ceil((phase - floor_log2 a) / j)
+ * indexes the largest grid magnitude 2**(phase - j·k) <= a; hi = 2**(phase - j·(kc - 1)) with
+ * kc = clamp(k, 1, kmax + 1), lo = hi / 2**j (0 below the grid, k > kmax). Between lo and hi:
+ * hi when u_round · (hi - lo) < a - lo. Below the grid: hi when u_under · hi < a (stochastic
+ * underflow) or a >= hi / 2 (u_under NULL). a >= 2**phase or inf saturates; 0 stays 0 (signed),
+ * NaN stays NaN; out = q · scale. */
+static inline int floor_log2_pos(float a) { /* a finite and > 0, subnormals included */
+    uint32_t u = bits_of(a);
+    int f = (int)(u >> 23);
+    return f ? f - 127 : -149 + 31 - __builtin_clz(u);
+}
+
+void fb_log_stochastic(const float *x, int64_t n, float scale, int phase, int j, int kmax, const float *u_round,
+                       const float *u_under, float *out, int nthreads) {
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float y = x[i] / scale, a = fabsf(y);
+        int finite = a > 0.0f && a <= 3.4028234663852886e38f;
+        int t = (finite ? floor_log2_pos(a) : 0) - phase;
+        int k = -(t >= 0 ? t / j : -((-t + j - 1) / j)); /* -floor(t / j) */
+        int kc = k < 1 ? 1 : (k > kmax + 1 ? kmax + 1 : k);
+        float hi = pow2f(phase - j * (kc - 1)), lo = k > kmax ? 0.0f : hi / (float)(1 << j);
+        int up;
+        if (lo == 0.0f)
+            up = u_under ? u_under[i] * hi < a : a >= hi / 2.0f;
+        else
+            up = u_round[i] * (hi - lo) < a - lo;
+        float q = up ? hi : lo;
+        q = (k <= 0 || a == INFINITY) ? pow2f(phase) : q;
+        q = a == 0.0f ? 0.0f : q;
+        out[i] = (a != a ? y : copysignf(q, y)) * scale;
+    }
+}
+
+/* ---- FloatFormat, subnormals kept, saturating ---------------------------------------------
+ * For emin >= -126: quantum = 2**(max(floor_log2|y|, emin) - M), t = |y| / quantum (exact),
+ * q = r(t) · quantum, where r is rint (nearest-even) or, with a draw u in [0, 1), floor(t) + 1
+ * when u < t - floor(t) (stochastic); q > maxv (|y| = inf included) gives `top` (maxv, or
+ * inf/NaN for IEEE-like overflow). Written with selects, not branches, so the compiler
+ * vectorizes it; callers pass `stochastic` as a constant. */
+static inline __attribute__((always_inline)) float float_round(float y, int M, int emin, float maxv, float top,
+                                                                int stochastic, float u) {
     float a = fabsf(y);
     int e = (int)(bits_of(a) >> 23) - 127; /* -127 for zero and float32 subnormals */
     e = e < emin ? emin : (e > 127 ? 127 : e);
     int k = e - M; /* the quantum's exponent, >= -149 */
     float quantum = float_of(k >= -126 ? (uint32_t)(k + 127) << 23 : 1u << ((k + 149) & 31));
-    float q = rintf(a / quantum) * quantum;
+    float t = a / quantum, r;
+    if (stochastic) {
+        r = floorf(t);
+        r += (float)(u < t - r);
+    } else {
+        r = rintf(t);
+    }
+    float q = r * quantum;
     q = copysignf(q > maxv ? top : q, y);
     return a != a ? y : q;
 }
 
+/* u: one draw per element for stochastic rounding, NULL for nearest */
 void fb_float_quantize(const float *x, int64_t n, float scale, int M, int emin, float maxv, float top,
-                       float *out, int nthreads) {
+                       const float *u, float *out, int nthreads) {
+    if (u) {
 #pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) out[i] = float_round(x[i] / scale, M, emin, maxv, top) * scale;
+        for (int64_t i = 0; i < n; i++) out[i] = float_round(x[i] / scale, M, emin, maxv, top, 1, u[i]) * scale;
+    } else {
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+        for (int64_t i = 0; i < n; i++) out[i] = float_round(x[i] / scale, M, emin, maxv, top, 0, 0.0f) * scale;
+    }
 }
 
 /* ---- BlockFormat: fp4 e2m1 elements, one scale per tile of R x C elements ------------------
@@ -212,6 +262,8 @@ void fb_float_quantize(const float *x, int64_t n, float scale, int M, int emin, 
  * -127, 127) (e8m0; amax 0 -> 2**-127) or s = e4m3(amax / 6) (e4m3); elements e2m1(v / s)
  * (0 when s = 0); out = (e · s) · d. Maxima of |v| run on the bit patterns (for
  * non-negative floats, integer order is float order), which vectorizes.
+ * Stochastic rounding of the elements (u not NULL): tile t's draws are u[t·R·C ...], row-major
+ * within the full R x C tile (the reference's padded block layout).
  * Codes (optional): e2m1 element codes (sign << 3 | index of |e| in 0, .5, 1, 1.5, 2, 3, 4, 6)
  * and scale codes (e8m0: exponent + 127, 255 for NaN; e4m3: its bit pattern, 0x7F for NaN). */
 static const float E2M1_VALUES[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -241,7 +293,7 @@ static inline float e4m3_value(uint8_t c) {
 static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, float *out, uint8_t *codes,
                                                                 int64_t r0, int64_t r1, int64_t c0,
                                                                 int64_t width, int64_t cols, float d,
-                                                                int e4m3) {
+                                                                int e4m3, const float *u, int C) {
     const float big = 3.4028234663852886e38f;
     uint32_t ymax = 0, vmax = 0;
     for (int64_t r = r0; r < r1; r++) {
@@ -263,7 +315,7 @@ static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, 
         s = NAN;
         scale_code = e4m3 ? 0x7F : 255;
     } else if (e4m3) {
-        s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f);
+        s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f, 0, 0.0f);
         scale_code = e4m3_code(s);
     } else {
         int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
@@ -278,15 +330,22 @@ static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, 
             for (int64_t c = 0; c < width; c++) o[c] = NAN;
             if (k)
                 for (int64_t c = 0; c < width; c++) k[c] = 0;
+        } else if (u) {
+            const float *ur = u + (r - r0) * C;
+            for (int64_t c = 0; c < width; c++) {
+                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 1, ur[c]) : 0.0f;
+                if (k) k[c] = e2m1_code(e);
+                o[c] = (e * s) * d;
+            }
         } else if (k) {
             for (int64_t c = 0; c < width; c++) {
-                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f) : 0.0f;
+                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 0, 0.0f) : 0.0f;
                 k[c] = e2m1_code(e);
                 o[c] = (e * s) * d;
             }
         } else {
             for (int64_t c = 0; c < width; c++)
-                o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f) * s) * d : 0.0f;
+                o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 0, 0.0f) * s) * d : 0.0f;
         }
     }
     return scale_code;
@@ -306,19 +365,21 @@ static inline void tile_bounds(int64_t t, int64_t mrows, int64_t cols, int R, in
 /* codes / scale_codes NULL: values only (quantize); else encode too (one scale code per tile,
  * tiles numbered matrix by matrix, row-major). */
 void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t cols, int R, int C, float d,
-                       int e4m3, float *out, uint8_t *codes, uint8_t *scale_codes, int nthreads) {
+                       int e4m3, const float *u, float *out, uint8_t *codes, uint8_t *scale_codes,
+                       int nthreads) {
     int64_t tiles = count * ((mrows + R - 1) / R) * ((cols + C - 1) / C);
 #pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t r0, r1, c0, width;
         tile_bounds(t, mrows, cols, R, C, &r0, &r1, &c0, &width);
         uint8_t sc;
+        const float *ut = u ? u + t * R * C : NULL;
         if (width == 16)
-            sc = block_tile(x, out, codes, r0, r1, c0, 16, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, 16, cols, d, e4m3, ut, C);
         else if (width == 32)
-            sc = block_tile(x, out, codes, r0, r1, c0, 32, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, 32, cols, d, e4m3, ut, C);
         else
-            sc = block_tile(x, out, codes, r0, r1, c0, width, cols, d, e4m3);
+            sc = block_tile(x, out, codes, r0, r1, c0, width, cols, d, e4m3, ut, C);
         if (scale_codes) scale_codes[t] = sc;
     }
 }

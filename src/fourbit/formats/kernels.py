@@ -43,8 +43,12 @@ _SIGNATURES = {
         None,
         [_f32p, _i64, _f32, _f32, _f32p, _f32p, _int, ctypes.c_uint32, _f32p, _f32p, _int],
     ),
-    "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _int]),
-    "fb_block_quantize": (None, [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _u8p, _u8p, _int]),
+    "fb_float_quantize": (None, [_f32p, _i64, _f32, _int, _int, _f32, _f32, _f32p, _f32p, _int]),
+    "fb_log_stochastic": (None, [_f32p, _i64, _f32, _int, _int, _int, _f32p, _f32p, _f32p, _int]),
+    "fb_block_quantize": (
+        None,
+        [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _f32p, _u8p, _u8p, _int],
+    ),
     "fb_block_decode": (None, [_u8p, _u8p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
     "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
     "fb_clip_with_mask": (None, [_f32p, _i64, _f32, _f32, _int, _f32p, _u8p, _int]),
@@ -194,12 +198,41 @@ def table_quantize(
     return outs
 
 
-def float_quantize(x: Tensor, scale: float, mantissa_bits: int, emin: int, maxv: float, top: float) -> Tensor:
+def _draws(u: Tensor | None, count: int) -> Tensor | None:
+    """Stochastic rounding's U[0, 1) draws as the kernels read them (None: nearest)."""
+    if u is None:
+        return None
+    if u.dtype != torch.float32 or u.device.type != "cpu" or u.numel() != count:
+        raise ValueError(f"need {count} float32 CPU draws; got {u.numel()} {u.dtype} on {u.device}")
+    return u.contiguous()
+
+
+def float_quantize(
+    x: Tensor, scale: float, mantissa_bits: int, emin: int, maxv: float, top: float, u: Tensor | None = None
+) -> Tensor:
+    """FloatFormat rounding of x / scale, times scale; stochastic with one draw per element in u."""
     x = x.contiguous()
+    u = _draws(u, x.numel())
     out = torch.empty_like(x)
     library().fb_float_quantize(
-        _ptr(x, _f32p), x.numel(), scale, mantissa_bits, emin, maxv, top, _ptr(out, _f32p), _threads()
-    )
+        _ptr(x, _f32p), x.numel(), scale, mantissa_bits, emin, maxv, top, _ptr(u, _f32p), _ptr(out, _f32p),
+        _threads(),
+    )  # fmt: skip
+    return out
+
+
+def log_stochastic(
+    x: Tensor, scale: float, phase: int, shift: int, kmax: int, u_round: Tensor, u_under: Tensor | None
+) -> Tensor:
+    """LogFormat stochastic rounding of x / scale (radix 2**shift, magnitudes 2**phase ...
+    2**(phase - shift·kmax)), times scale; stochastic underflow when u_under is given."""
+    x = x.contiguous()
+    u_round, u_under = _draws(u_round, x.numel()), _draws(u_under, x.numel())
+    out = torch.empty_like(x)
+    library().fb_log_stochastic(
+        _ptr(x, _f32p), x.numel(), scale, phase, shift, kmax, _ptr(u_round, _f32p), _ptr(u_under, _f32p),
+        _ptr(out, _f32p), _threads(),
+    )  # fmt: skip
     return out
 
 
@@ -209,19 +242,26 @@ def _tiles(shape: torch.Size, tile: tuple[int, int]) -> int:
 
 
 def block_quantize(
-    y: Tensor, tile: tuple[int, int], tensor_scale: float, e4m3: bool, codes: bool = False
+    y: Tensor,
+    tile: tuple[int, int],
+    tensor_scale: float,
+    e4m3: bool,
+    codes: bool = False,
+    u: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(values, element codes, scale codes) of `y` [..., rows, cols] as MXFP4 (e8m0) / NVFP4
     (e4m3), one scale per R x C tile of each matrix (1-D blocks along the rows: R = 1); the
-    codes only when asked for (one per element; one per tile, matrix by matrix, row-major)."""
+    codes only when asked for (one per element; one per tile, matrix by matrix, row-major).
+    Stochastic element rounding with draws u: R·C per tile, tile after tile, row-major inside."""
     y = y.contiguous()
+    u = _draws(u, _tiles(y.shape, tile) * tile[0] * tile[1])
     out = torch.empty_like(y)
     element_codes = torch.empty(y.shape, dtype=torch.uint8) if codes else None
     scale_codes = torch.empty(_tiles(y.shape, tile), dtype=torch.uint8) if codes else None
     (R, C), rows, cols = tile, y.shape[-2], y.shape[-1]
     count = y.numel() // max(rows * cols, 1)
     library().fb_block_quantize(
-        _ptr(y, _f32p), count, rows, cols, R, C, tensor_scale, int(e4m3), _ptr(out, _f32p),
+        _ptr(y, _f32p), count, rows, cols, R, C, tensor_scale, int(e4m3), _ptr(u, _f32p), _ptr(out, _f32p),
         _ptr(element_codes, _u8p), _ptr(scale_codes, _u8p), _threads(),
     )  # fmt: skip
     return out, element_codes, scale_codes

@@ -113,7 +113,11 @@ class LogFormat(Format):
         q = torch.copysign(table[index], y)
         return torch.where(y != y, y, q)  # NaN stays NaN, whatever its payload
 
-    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str) -> Tensor | None:
+    def _quantize_fast(self, x: Tensor, scale: float, phase: int, rounding: str, generator) -> Tensor | None:
+        if rounding == "stochastic":  # the draws of _round_reference, in its order
+            u_round = random_uniform(x, generator)
+            u_under = random_uniform(x, generator) if self.underflow == "stochastic" else None
+            return kernels.log_stochastic(x, scale, phase, self._shift, self.levels - 1, u_round, u_under)
         if not self.table_lookup(rounding):
             return None
         table, shift, mask = self.table(phase, rounding, x.device)
