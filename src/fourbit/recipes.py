@@ -221,6 +221,20 @@ _PRESETS = [
         description="ibm4 with one fixed global loss scale instead of per-layer GradScale",
     ),
     Recipe(
+        "ibm4-radix8",
+        dataclasses.replace(IBM4_LAYER, grad_dx=OperandSpec("fp4_radix8"), grad_dw=OperandSpec("fp4_radix8")),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="ibm4 with radix-8 FP4 gradients (two phases a factor 2 apart, as radix 4's)",
+    ),
+    Recipe(
+        "ibm4-fp16acc",
+        dataclasses.replace(IBM4_LAYER, accumulate="fp16"),
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        description="ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4)",
+    ),
+    Recipe(
         "all4",
         IBM4_LAYER,
         first=dataclasses.replace(IBM4_LAYER, activation=PIXELS),
