@@ -9,7 +9,7 @@ import torch
 
 import fourbit
 from fourbit import tasks
-from fourbit.cli import main
+from fourbit.cli import compare_table, main
 from fourbit.tasks.idx import DataError
 from fourbit.tasks.vision import load_cifar10, load_images
 from fourbit.train import RunConfig, load_checkpoint, train
@@ -153,6 +153,19 @@ def test_cli_compare_writes_table_and_plot(tmp_path, capsys):
     assert "| fp32 |" in table and "| ibm4 |" in table and "+0.00" in table
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ibm4 |" in capsys.readouterr().out
+
+
+def test_compare_table_has_deltas_against_fp32_and_fp16():
+    def summary(recipe, metric, epoch_time):
+        return {"recipe": recipe, "metric": metric, "metric_name": "accuracy", "epoch_time_s": epoch_time}
+
+    table = compare_table(
+        [summary("fp32", 93.5, 100.0), summary("fp16", 93.25, 150.0), summary("ibm4", 92.5, 130.0)]
+    )
+    rows = table.splitlines()
+    assert rows[0] == "| recipe | accuracy | Δ vs fp32 | Δ vs fp16 | time per epoch vs fp32 |"
+    assert rows[4] == "| ibm4 | 92.50 | -1.00 | -0.75 | 1.30× |"
+    assert "Δ vs fp16" not in compare_table([summary("fp32", 90.0, 1.0), summary("ibm4", 89.0, 2.0)])
 
 
 def test_cli_train_and_tasks(tmp_path, capsys):
