@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The runs behind docs/RESULTS.md, one experiment per name; every one resumes where it stopped
+# (checkpoints in out/runs/NAME), so a long list survives across sessions:
+#   scripts/results.sh NAME [NAME ...]     run them one after the other
+#   scripts/results.sh collect             copy what has finished into results/NAME/RECIPE
+# The machine-independent part of a result is its command line, printed before each run and
+# written beside its numbers in docs/RESULTS.md. OMP_NUM_THREADS picks the threads per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FOURBIT=${FOURBIT:-.venv/bin/fourbit}
+RUNS=${RUNS:-out/runs}
+COMMON=(--resume --checkpoint-every 100 --quiet)
+
+args_for() {
+  case "$1" in
+    r20-headline) echo "--task fashion-resnet20 --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4 --epochs 15" ;;
+    r20-ablation) echo "--task fashion-resnet20 --recipes fp32,fp16,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4 --epochs 5 --train-limit 12000" ;;
+    mnv2) echo "--task fashion-mobilenetv2 --recipes fp32,ibm4 --epochs 5" ;;
+    translate-headline) echo "--task translate-transformer --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4" ;;
+    translate-ablation) echo "--task translate-transformer --recipes fp32,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4 --epochs 1" ;;
+    speech-headline) echo "--task speech-bilstm --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4" ;;
+    *) echo "unknown experiment $1; known: r20-headline r20-ablation mnv2 translate-headline translate-ablation speech-headline collect" >&2; return 2 ;;
+  esac
+}
+
+collect() {  # finished runs only (summary.json is written last), without checkpoints
+  for summary in "$RUNS"/*/*/summary.json; do
+    [ -e "$summary" ] || continue
+    run=$(dirname "$summary") name=$(basename "$(dirname "$run")") recipe=$(basename "$run")
+    mkdir -p "results/$name/$recipe"
+    cp "$run/summary.json" "$run/metrics.jsonl" "results/$name/$recipe/"
+    [ -e "$run/curves.png" ] && cp "$run/curves.png" "results/$name/$recipe/"
+    echo "results/$name/$recipe"
+  done
+  for table in "$RUNS"/*/compare.md; do
+    [ -e "$table" ] || continue
+    name=$(basename "$(dirname "$table")")
+    mkdir -p "results/$name" && cp "$table" "$(dirname "$table")/compare.png" "results/$name/"
+  done
+}
+
+for name in "$@"; do
+  if [ "$name" = collect ]; then collect; continue; fi
+  read -r -a args <<< "$(args_for "$name")"
+  echo "$(date -u +%FT%TZ) fourbit compare ${args[*]} --out $RUNS/$name ${COMMON[*]}"
+  "$FOURBIT" compare "${args[@]}" --out "$RUNS/$name" "${COMMON[@]}"
+done
