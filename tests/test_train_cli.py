@@ -2,6 +2,9 @@
 
 import json
 import pickle
+import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 import fourbit
 from fourbit import tasks
 from fourbit.cli import compare_table, main
+from fourbit.io import source_commit
 from fourbit.tasks.idx import DataError
 from fourbit.tasks.vision import load_cifar10, load_images
 from fourbit.train import RunConfig, load_checkpoint, train
@@ -126,9 +130,18 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     resumed_state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
     keys = {"task", "recipe", "seed", "epochs", "train_limit", "metric_name", "metric", "higher_is_better",
-            "wall_time_s", "samples_per_s", "peak_rss_mb"}  # fmt: skip
-    assert keys <= set(json.loads((tmp_path / "cut" / "summary.json").read_text()))
+            "wall_time_s", "samples_per_s", "peak_rss_mb", "torch_threads", "commit"}  # fmt: skip
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert keys <= set(summary) and summary["commit"] == source_commit()
     assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_source_commit_names_this_checkout():
+    checkout = Path(fourbit.__file__).parents[2]
+    if not (checkout / ".git").exists():
+        pytest.skip("fourbit is not running from a git checkout")
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert re.fullmatch(head.stdout.strip() + r"(\+changes)?", source_commit())
 
 
 def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):

@@ -1,8 +1,10 @@
-"""Writing files so that nothing half-written is ever left on disk."""
+"""Writing files so that nothing half-written is ever left on disk; where a result came from."""
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,3 +26,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@functools.cache
+def source_commit() -> str | None:
+    """The git commit of fourbit's own source files, "+changes" appended when they differ from
+    it; None outside a git checkout (an installed wheel) or without git."""
+    here = Path(__file__).parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return None
+        changed = git("diff", "--quiet", "HEAD", "--", ".").returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+changes" if changed else "")

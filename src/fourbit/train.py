@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from fourbit import distributed, recipes, tasks
 from fourbit.convert import convert
-from fourbit.io import atomic_write
+from fourbit.io import atomic_write, source_commit
 from fourbit.scaling import PACT, GradScale, nonfinite_gradients
 from fourbit.tasks.idx import DataError
 
@@ -565,6 +565,8 @@ class _Run:
                 "train_examples": pos.seen,  # on every rank together
                 "epoch_time_s": pos.train_time,
                 "samples_per_s": pos.seen / pos.train_time,
+                "torch_threads": torch.get_num_threads(),
+                "commit": source_commit(),
                 **self.grad_bytes(),
             }
             if self.progress:
@@ -606,6 +608,8 @@ class _Run:
             "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1),
             "skipped_steps": sum(h["skipped_steps"] for h in history),
             "peak_rss_mb": _peak_rss_mb(),
+            "torch_threads": torch.get_num_threads(),
+            "commit": source_commit(),  # of the process that finished; each epoch's is in metrics.jsonl
             **self.grad_bytes(),
             "final": final,
         }
