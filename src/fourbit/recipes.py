@@ -184,6 +184,18 @@ NO_GRADSCALE_LOSS_SCALE = 128.0
 # the article's round_half_even(15 p - 8), shifted by the integer 8
 PIXELS = OperandSpec("uint4", "fixed", scale=1 / 15)
 
+
+def _ibm4_variant(name: str, description: str, **changes) -> Recipe:
+    """ibm4's inner layers with `changes` (an ablation), first and last layer in fp16."""
+    layer = dataclasses.replace(IBM4_LAYER, **changes)
+    return Recipe(name, layer, first=FP16_LAYER, last=FP16_LAYER, description=description)
+
+
+def _gradients(fmt: str) -> dict:
+    """Both backward GEMMs' gradients in `fmt` (as a _ibm4_variant change)."""
+    return {"grad_dx": OperandSpec(fmt), "grad_dw": OperandSpec(fmt)}
+
+
 LUQ_GRAD = OperandSpec("fp4_radix2", rounding="stochastic", underflow="stochastic")
 MX = OperandSpec("mxfp4")
 NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
@@ -192,47 +204,32 @@ _PRESETS = [
     Recipe("fp32", description="float32 everywhere: the baseline"),
     Recipe("fp16", FP16_LAYER, description="fp16 weights, activations and gradients"),
     Recipe("hfp8", HFP8_LAYER, description="HFP8 (Sun et al. 2019): 1-4-3 forward, 1-5-2 backward"),
-    Recipe(
-        "ibm4",
-        IBM4_LAYER,
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="Sun et al. 2020: INT4 SAWB/PACT, radix-4 FP4 gradients, TPR, adaptive GradScale",
-    ),
-    Recipe(
+    _ibm4_variant("ibm4", "Sun et al. 2020: INT4 SAWB/PACT, radix-4 FP4 gradients, TPR, adaptive GradScale"),
+    _ibm4_variant(
         "ibm4-notpr",
-        dataclasses.replace(IBM4_LAYER, tpr=False),
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="ibm4 without two-phase rounding (one gradient quantization feeds both GEMMs)",
+        "ibm4 without two-phase rounding (one gradient quantization feeds both GEMMs)",
+        tpr=False,
     ),
-    Recipe(
+    _ibm4_variant(
         "ibm4-radix2",
-        dataclasses.replace(IBM4_LAYER, grad_dx=OperandSpec("fp4_radix2"), grad_dw=OperandSpec("fp4_radix2")),
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="ibm4 with radix-2 FP4 gradients",
+        "ibm4 with radix-2 FP4 gradients",
+        **_gradients("fp4_radix2"),
     ),
-    Recipe(
+    _ibm4_variant(
         "ibm4-nogradscale",
-        dataclasses.replace(IBM4_LAYER, gradscale="none", gradscale_init=NO_GRADSCALE_LOSS_SCALE),
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="ibm4 with one fixed global loss scale instead of per-layer GradScale",
+        "ibm4 with one fixed global loss scale instead of per-layer GradScale",
+        gradscale="none",
+        gradscale_init=NO_GRADSCALE_LOSS_SCALE,
     ),
-    Recipe(
+    _ibm4_variant(
         "ibm4-radix8",
-        dataclasses.replace(IBM4_LAYER, grad_dx=OperandSpec("fp4_radix8"), grad_dw=OperandSpec("fp4_radix8")),
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="ibm4 with radix-8 FP4 gradients (two phases a factor 2 apart, as radix 4's)",
+        "ibm4 with radix-8 FP4 gradients (two phases a factor 2 apart, as radix 4's)",
+        **_gradients("fp4_radix8"),
     ),
-    Recipe(
+    _ibm4_variant(
         "ibm4-fp16acc",
-        dataclasses.replace(IBM4_LAYER, accumulate="fp16"),
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        description="ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4)",
+        "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4)",
+        accumulate="fp16",
     ),
     Recipe(
         "all4",

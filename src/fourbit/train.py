@@ -410,6 +410,7 @@ class _Run:
     """One run (this rank's part of it): its data, model, optimizer, where it is, and its history."""
 
     def __init__(self, cfg: RunConfig, out: Path, progress: bool, resume: bool = False):
+        self.commit = source_commit()  # now, before the checkout can move on under a long run
         task = tasks.get(cfg.task)
         data_dir = Path(cfg.data_dir) if cfg.data_dir else None
         status = task.data_status(data_dir)
@@ -566,7 +567,7 @@ class _Run:
                 "epoch_time_s": pos.train_time,
                 "samples_per_s": pos.seen / pos.train_time,
                 "torch_threads": torch.get_num_threads(),
-                "commit": source_commit(),
+                "commit": self.commit,
                 **self.grad_bytes(),
             }
             if self.progress:
@@ -609,7 +610,7 @@ class _Run:
             "skipped_steps": sum(h["skipped_steps"] for h in history),
             "peak_rss_mb": _peak_rss_mb(),
             "torch_threads": torch.get_num_threads(),
-            "commit": source_commit(),  # of the process that finished; each epoch's is in metrics.jsonl
+            "commit": self.commit,  # of the process that finished; each epoch's is in metrics.jsonl
             **self.grad_bytes(),
             "final": final,
         }
