@@ -4,6 +4,7 @@
 #   scripts/results.sh NAME [NAME ...]     run them one after the other
 #   scripts/results.sh NAME:fp32,ibm4      only those recipes of NAME (same folders; a later
 #                                          full NAME skips what has finished)
+#   scripts/results.sh NAME@1               NAME with --seed 1, in out/runs/NAME-seed1
 #   scripts/results.sh collect             copy what has finished into results/NAME/RECIPE
 # The machine-independent part of a result is its command line, printed before each run and
 # written beside its numbers in docs/RESULTS.md. OMP_NUM_THREADS picks the threads per run.
@@ -44,10 +45,12 @@ collect() {  # finished runs only (summary.json is written last), without checkp
 for name in "$@"; do
   if [ "$name" = collect ]; then collect; continue; fi
   only=${name#*:} name=${name%%:*}
+  seed=${name#*@} name=${name%%@*} out=$name
   read -r -a args <<< "$(args_for "$name")"
+  if [ "$seed" != "$name" ]; then args+=(--seed "$seed"); out=$name-seed$seed; fi
   if [ "$only" != "$name" ]; then  # --recipes LIST replaced by the subset
     for i in "${!args[@]}"; do [ "${args[$i]}" = --recipes ] && args[i+1]=$only; done
   fi
-  echo "$(date -u +%FT%TZ) fourbit compare ${args[*]} --out $RUNS/$name ${COMMON[*]}"
-  "$FOURBIT" compare "${args[@]}" --out "$RUNS/$name" "${COMMON[@]}"
+  echo "$(date -u +%FT%TZ) fourbit compare ${args[*]} --out $RUNS/$out ${COMMON[*]}"
+  "$FOURBIT" compare "${args[@]}" --out "$RUNS/$out" "${COMMON[@]}"
 done
