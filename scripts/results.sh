@@ -44,11 +44,12 @@ collect() {  # finished runs only (summary.json is written last), without checkp
 
 for name in "$@"; do
   if [ "$name" = collect ]; then collect; continue; fi
-  only=${name#*:} name=${name%%:*}
+  only=""
+  case "$name" in *:*) only=${name#*:} name=${name%%:*} ;; esac
   seed=${name#*@} name=${name%%@*} out=$name
   read -r -a args <<< "$(args_for "$name")"
   if [ "$seed" != "$name" ]; then args+=(--seed "$seed"); out=$name-seed$seed; fi
-  if [ "$only" != "$name" ]; then  # --recipes LIST replaced by the subset
+  if [ -n "$only" ]; then  # --recipes LIST replaced by the subset
     for i in "${!args[@]}"; do [ "${args[$i]}" = --recipes ] && args[i+1]=$only; done
   fi
   echo "$(date -u +%FT%TZ) fourbit compare ${args[*]} --out $RUNS/$out ${COMMON[*]}"
