@@ -28,13 +28,13 @@ def table(experiment: Path) -> str:
     lines = [
         f"**{experiment.name}** — task {first['task']}, seed {first['seed']}, {first['epochs']} epochs, "
         f"train limit {first['train_limit']}, test limit {first['test_limit']}\n",
-        compare_table(summaries),
+        compare_table(summaries, times=False),  # runs shared the machine: cost is in the bench table
         "| recipe | wall time | mean epoch time | threads | skipped steps | commit |",
         "|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        commit = (s.get("commit") or "unrecorded")[:12]
-        threads = s.get("torch_threads", "unrecorded")
+        commit = ", ".join((c or "unrecorded")[:12] for c in s.get("commits", [None]))
+        threads = ", ".join(str(t or "unrecorded") for t in s.get("torch_threads", [None]))
         lines.append(
             f"| {s['recipe']} | {s['wall_time_s'] / 60:.0f} min | {s['epoch_time_s']:.0f} s | {threads} "
             f"| {s['skipped_steps']} | {commit} |"

@@ -130,9 +130,10 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     resumed_state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     assert all(torch.equal(resumed_state[k], whole_state[k]) for k in whole_state)
     keys = {"task", "recipe", "seed", "epochs", "train_limit", "metric_name", "metric", "higher_is_better",
-            "wall_time_s", "samples_per_s", "peak_rss_mb", "torch_threads", "commit"}  # fmt: skip
+            "wall_time_s", "samples_per_s", "peak_rss_mb", "torch_threads", "commits"}  # fmt: skip
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
-    assert keys <= set(summary) and summary["commit"] == source_commit()
+    assert keys <= set(summary) and summary["commits"] == [source_commit()]
+    assert summary["torch_threads"] == [torch.get_num_threads()]
     assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -178,7 +179,12 @@ def test_compare_table_has_deltas_against_fp32_and_fp16():
     rows = table.splitlines()
     assert rows[0] == "| recipe | accuracy | Δ vs fp32 | Δ vs fp16 | time per epoch vs fp32 |"
     assert rows[4] == "| ibm4 | 92.50 | -1.00 | -0.75 | 1.30× |"
-    assert "Δ vs fp16" not in compare_table([summary("fp32", 90.0, 1.0), summary("ibm4", 89.0, 2.0)])
+    two = [summary("fp32", 90.0, 1.0), summary("ibm4", 89.0, 2.0)]
+    assert "Δ vs fp16" not in compare_table(two)
+    assert compare_table(two, times=False).splitlines()[2:] == [
+        "| fp32 | 90.00 | +0.00 |",
+        "| ibm4 | 89.00 | -1.00 |",
+    ]
 
 
 def test_cli_train_and_tasks(tmp_path, capsys):

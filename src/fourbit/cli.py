@@ -107,22 +107,21 @@ def cmd_train(args) -> int:
     return 0
 
 
-def compare_table(summaries: list[dict]) -> str:
+def compare_table(summaries: list[dict], times: bool = True) -> str:
     """Markdown in the paper's style: recipe, metric, Δ vs the first recipe, Δ vs fp16 (when
-    fp16 is among them and not first), time per epoch relative to the first."""
+    fp16 is among them and not first), time per epoch relative to the first (unless not
+    `times`: runs timed under different loads or thread counts do not compare)."""
     base = summaries[0]
     name = base["metric_name"]
     fp16 = next((s for s in summaries[1:] if s["recipe"] == "fp16"), None)
     refs = [base] + ([fp16] if fp16 else [])
     deltas = " | ".join(f"Δ vs {r['recipe']}" for r in refs)
-    lines = [
-        f"| recipe | {name} | {deltas} | time per epoch vs {base['recipe']} |",
-        "|---|---|" + "---|" * len(refs) + "---|",
-    ]
+    time_column = f" time per epoch vs {base['recipe']} |" if times else ""
+    lines = [f"| recipe | {name} | {deltas} |{time_column}", "|---|---|" + "---|" * (len(refs) + times)]
     for s in summaries:
         delta = " | ".join(f"{s['metric'] - r['metric']:+.2f}" for r in refs)
-        ratio = s["epoch_time_s"] / base["epoch_time_s"]
-        lines.append(f"| {s['recipe']} | {s['metric']:.2f} | {delta} | {ratio:.2f}× |")
+        ratio = f" {s['epoch_time_s'] / base['epoch_time_s']:.2f}× |" if times else ""
+        lines.append(f"| {s['recipe']} | {s['metric']:.2f} | {delta} |{ratio}")
     return "\n".join(lines) + "\n"
 
 

@@ -609,8 +609,9 @@ class _Run:
             "epoch_time_s": sum(h["epoch_time_s"] for h in history) / max(len(history), 1),
             "skipped_steps": sum(h["skipped_steps"] for h in history),
             "peak_rss_mb": _peak_rss_mb(),
-            "torch_threads": torch.get_num_threads(),
-            "commit": self.commit,  # of the process that finished; each epoch's is in metrics.jsonl
+            # every epoch's, in order, as metrics.jsonl has them (null: not recorded, before 002650c)
+            "commits": list(dict.fromkeys(h.get("commit") for h in history)),
+            "torch_threads": list(dict.fromkeys(h.get("torch_threads") for h in history)),
             **self.grad_bytes(),
             "final": final,
         }
