@@ -25,6 +25,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -333,7 +334,7 @@ def build_split(
     workers = workers or (os.cpu_count() or 1) + 1
     feats: list[Tensor] = []
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # (a bar redrawn into a log file is only noise)
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc=f"speech corpus: {split}", unit="utt")
