@@ -212,7 +212,7 @@ def test_nan_activation_reaches_the_output():
 def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
-        "ibm4-radix8", "ibm4-fp16acc", "all4", "luq4", "mxfp4", "nvfp4",
+        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
     assert ibm4.default.tpr and ibm4.default.gradscale == "adaptive"
@@ -223,6 +223,8 @@ def test_recipe_presets_are_the_spec_table():
     assert recipes.get("ibm4-nogradscale").default.gradscale == "none"
     assert recipes.get("ibm4-radix8").default.grad_dw.format == "fp4_radix8"
     assert recipes.get("ibm4-fp16acc").default == dataclasses.replace(ibm4.default, accumulate="fp16")
+    lstm_sawb = recipes.get("ibm4-lstm-sawb")
+    assert lstm_sawb.default == ibm4.default and lstm_sawb.spec_for("lstm").activation.scaler == "sawb"
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"
     luq = recipes.get("luq4").default.grad_dx
     assert (luq.format, luq.rounding, luq.underflow) == ("fp4_radix2", "stochastic", "stochastic")

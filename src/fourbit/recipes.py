@@ -232,6 +232,15 @@ _PRESETS = [
         accumulate="fp16",
     ),
     Recipe(
+        "ibm4-lstm-sawb",
+        IBM4_LAYER,
+        first=FP16_LAYER,
+        last=FP16_LAYER,
+        lstm=dataclasses.replace(IBM4_LAYER, activation=OperandSpec("int4", "sawb")),
+        description="ibm4 with the LSTM gate GEMMs' inputs (x and h) on a SAWB scale fitted every "
+        "step instead of a PACT clip",
+    ),
+    Recipe(
         "all4",
         IBM4_LAYER,
         first=dataclasses.replace(IBM4_LAYER, activation=PIXELS),
