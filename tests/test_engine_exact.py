@@ -222,7 +222,9 @@ def test_recipe_presets_are_the_spec_table():
     assert recipes.get("ibm4-radix2").default.grad_dx.format == "fp4_radix2"
     assert recipes.get("ibm4-nogradscale").default.gradscale == "none"
     assert recipes.get("ibm4-radix8").default.grad_dw.format == "fp4_radix8"
-    assert recipes.get("ibm4-fp16acc").default == dataclasses.replace(ibm4.default, accumulate="fp16")
+    fp16acc = recipes.get("ibm4-fp16acc")
+    assert fp16acc.default == dataclasses.replace(ibm4.default, accumulate="fp16")
+    assert fp16acc.spec_for("depthwise") == ibm4.default  # grouped convs: fp32 accumulation
     lstm_sawb = recipes.get("ibm4-lstm-sawb")
     assert lstm_sawb.default == ibm4.default and lstm_sawb.spec_for("lstm").activation.scaler == "sawb"
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"

@@ -226,10 +226,14 @@ _PRESETS = [
         "ibm4 with radix-8 FP4 gradients (two phases a factor 2 apart, as radix 4's)",
         **_gradients("fp4_radix8"),
     ),
-    _ibm4_variant(
-        "ibm4-fp16acc",
-        "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4)",
-        accumulate="fp16",
+    dataclasses.replace(
+        _ibm4_variant(
+            "ibm4-fp16acc",
+            "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4); depthwise "
+            "convs (9-element sums: one chunk) in fp32, as the emulation takes groups=1 only",
+            accumulate="fp16",
+        ),
+        depthwise=IBM4_LAYER,
     ),
     Recipe(
         "ibm4-lstm-sawb",
