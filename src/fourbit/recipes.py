@@ -185,10 +185,11 @@ NO_GRADSCALE_LOSS_SCALE = 128.0
 PIXELS = OperandSpec("uint4", "fixed", scale=1 / 15)
 
 
-def _ibm4_variant(name: str, description: str, **changes) -> Recipe:
-    """ibm4's inner layers with `changes` (an ablation), first and last layer in fp16."""
+def _ibm4_variant(name: str, description: str, roles: dict | None = None, **changes) -> Recipe:
+    """ibm4's inner layers with `changes` (an ablation), first and last layer in fp16; `roles`
+    gives other roles their own LayerSpec."""
     layer = dataclasses.replace(IBM4_LAYER, **changes)
-    return Recipe(name, layer, first=FP16_LAYER, last=FP16_LAYER, description=description)
+    return Recipe(name, layer, first=FP16_LAYER, last=FP16_LAYER, description=description, **(roles or {}))
 
 
 def _gradients(fmt: str) -> dict:
@@ -226,23 +227,18 @@ _PRESETS = [
         "ibm4 with radix-8 FP4 gradients (two phases a factor 2 apart, as radix 4's)",
         **_gradients("fp4_radix8"),
     ),
-    dataclasses.replace(
-        _ibm4_variant(
-            "ibm4-fp16acc",
-            "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4); depthwise "
-            "convs (9-element sums: one chunk) in fp32, as the emulation takes groups=1 only",
-            accumulate="fp16",
-        ),
-        depthwise=IBM4_LAYER,
+    _ibm4_variant(
+        "ibm4-fp16acc",
+        "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4); depthwise "
+        "convs (9-element sums: one chunk) in fp32, as the emulation takes groups=1 only",
+        roles={"depthwise": IBM4_LAYER},
+        accumulate="fp16",
     ),
-    Recipe(
+    _ibm4_variant(
         "ibm4-lstm-sawb",
-        IBM4_LAYER,
-        first=FP16_LAYER,
-        last=FP16_LAYER,
-        lstm=dataclasses.replace(IBM4_LAYER, activation=OperandSpec("int4", "sawb")),
-        description="ibm4 with the LSTM gate GEMMs' inputs (x and h) on a SAWB scale fitted every "
+        "ibm4 with the LSTM gate GEMMs' inputs (x and h) on a SAWB scale fitted every "
         "step instead of a PACT clip",
+        roles={"lstm": dataclasses.replace(IBM4_LAYER, activation=OperandSpec("int4", "sawb"))},
     ),
     Recipe(
         "all4",
