@@ -10,7 +10,7 @@ from torch import nn
 
 from fourbit import formats, recipes
 from fourbit.nn import LayerSpec, OperandSpec, QConv1d, QConv2d, QLinear, QMatmul
-from fourbit.nn.gemm import chunked_fp16, random_hadamard
+from fourbit.nn.gemm import chunked_fp16, conv_ops, random_hadamard
 from fourbit.nn.quant import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from fourbit.scaling import sawb_scale
 
@@ -175,6 +175,37 @@ def test_chunked_fp16_of_exactly_representable_sums_is_exact():
     assert torch.equal(chunked_fp16(lambda u, v: u @ v, a, b, 1, 0, 1), a @ b)
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_fp16_accumulation_of_a_grouped_conv_sums_each_group_in_its_own_chunks(groups):
+    # integer operands (4-bit-sized): every fp32 partial sum is exact, so the only rounding
+    # is fp16's, and the grouped GEMMs must equal each group's ungrouped GEMMs bit for bit
+    g = _gen(21)
+    c_per, o_per = 40, 3
+    a = torch.randint(0, 16, (2, groups * c_per, 5, 5), generator=g).float()
+    w = torch.randint(-8, 8, (groups * o_per, c_per, 3, 3), generator=g).float()
+    dy = torch.randint(-8, 8, (2, groups * o_per, 5, 5), generator=g).float()
+    grouped, single = (
+        conv_ops(2, (1, 1), (1, 1), (1, 1), groups, 9),
+        conv_ops(2, (1, 1), (1, 1), (1, 1), 1, 9),
+    )
+    y = chunked_fp16(grouped.forward, a, w, 1, 1, 9, (groups, 1))
+    da = chunked_fp16(lambda u, v: grouped.grad_a(u, v, a.shape), dy, w, 1, 0, 9, (groups, groups))
+    dw = chunked_fp16(lambda u, v: grouped.grad_b(u, v, w.shape), a, dy, 0, 0, 25)
+    a_g, w_g, dy_g = a.chunk(groups, 1), w.chunk(groups, 0), dy.chunk(groups, 1)
+    by_group = [
+        (
+            chunked_fp16(single.forward, a_i, w_i, 1, 1, 9),
+            chunked_fp16(lambda u, v, s=a_i.shape: single.grad_a(u, v, s), dy_i, w_i, 1, 0, 9),
+            chunked_fp16(lambda u, v, s=w_i.shape: single.grad_b(u, v, s), a_i, dy_i, 0, 0, 25),
+        )
+        for a_i, w_i, dy_i in zip(a_g, w_g, dy_g, strict=True)
+    ]
+    assert torch.equal(y, torch.cat([r[0] for r in by_group], 1))
+    assert torch.equal(da, torch.cat([r[1] for r in by_group], 1))
+    assert torch.equal(dw, torch.cat([r[2] for r in by_group], 0))
+    assert not torch.equal(y, F.conv2d(a, w, padding=1, groups=groups))  # fp16 did round
+
+
 def test_random_hadamard_is_orthonormal_and_preserves_the_dw_gemm():
     signs = torch.tensor([1.0, -1.0] * 8)
     a, g = torch.randn(37, 6, generator=_gen(9)), torch.randn(37, 5, generator=_gen(10))
@@ -224,7 +255,7 @@ def test_recipe_presets_are_the_spec_table():
     assert recipes.get("ibm4-radix8").default.grad_dw.format == "fp4_radix8"
     fp16acc = recipes.get("ibm4-fp16acc")
     assert fp16acc.default == dataclasses.replace(ibm4.default, accumulate="fp16")
-    assert fp16acc.spec_for("depthwise") == ibm4.default  # grouped convs: fp32 accumulation
+    assert fp16acc.spec_for("depthwise") == fp16acc.default
     lstm_sawb = recipes.get("ibm4-lstm-sawb")
     assert lstm_sawb.default == ibm4.default and lstm_sawb.spec_for("lstm").activation.scaler == "sawb"
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"

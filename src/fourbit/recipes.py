@@ -229,9 +229,7 @@ _PRESETS = [
     ),
     _ibm4_variant(
         "ibm4-fp16acc",
-        "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4); depthwise "
-        "convs (9-element sums: one chunk) in fp32, as the emulation takes groups=1 only",
-        roles={"depthwise": IBM4_LAYER},
+        "ibm4 with every 4-bit GEMM accumulated in fp16 chunks of 64 (SPEC §4)",
         accumulate="fp16",
     ),
     _ibm4_variant(

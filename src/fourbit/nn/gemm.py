@@ -49,6 +49,7 @@ class GemmOps:
     g_db: int
     b_is_activation: bool = False  # matmul: B is quantized like an activation
     fwd_slice: int = 1  # reduction elements per index of the fwd / dA reduction axis
+    groups: int = 1  # grouped conv: A's fwd axis and both dA axes hold `groups` groups
     db_slice: Callable[[Tensor], int] = lambda g: 1  # same, for the dB reduction axis
 
 
@@ -81,6 +82,7 @@ def conv_ops(dims: int, stride, padding, dilation, groups: int, kernel_numel: in
         grad_b=lambda a, g, shape: backward(g, a, g.new_empty(shape), 1),
         a_fwd=1, b_fwd=1, g_da=1, b_da=0, a_db=0, g_db=0,
         fwd_slice=kernel_numel,
+        groups=groups,
         db_slice=lambda g: math.prod(g.shape[2:]),
     )  # fmt: skip
 
@@ -96,17 +98,30 @@ def matmul_ops() -> GemmOps:
     )  # fmt: skip
 
 
-def chunked_fp16(op: Callable, x: Tensor, y: Tensor, x_axis: int, y_axis: int, per_index: int) -> Tensor:
+def chunked_fp16(
+    op: Callable, x: Tensor, y: Tensor, x_axis: int, y_axis: int, per_index: int, groups=(1, 1)
+) -> Tensor:
     """op(x, y) with fp16 accumulation: partial sums over chunks of ~64 reduction elements,
-    each rounded to fp16, added in fp16 (products of 4-bit values are exact in fp32)."""
-    n = x.shape[x_axis]
+    each rounded to fp16, added in fp16 (products of 4-bit values are exact in fp32).
+
+    `groups`: how many groups (of a grouped convolution) each operand's reduction axis
+    holds; a chunk takes the same slice of every group, so each output sums its own group."""
+    n = x.shape[x_axis] // groups[0]
     step = max(1, FP16_CHUNK // max(per_index, 1))
     total = None
     for start in range(0, n, step):
         length = min(step, n - start)
-        part = op(x.narrow(x_axis, start, length), y.narrow(y_axis, start, length)).half()
-        total = part if total is None else total + part
+        part = op(_narrow(x, x_axis, start, length, groups[0]), _narrow(y, y_axis, start, length, groups[1]))
+        total = part.half() if total is None else total + part.half()
     return op(x, y).float() if total is None else total.float()  # (an empty reduction: zeros)
+
+
+def _narrow(t: Tensor, axis: int, start: int, length: int, groups: int) -> Tensor:
+    """t.narrow(axis, start, length) within each of `groups` equal groups along axis."""
+    if groups == 1:
+        return t.narrow(axis, start, length)
+    axis %= t.dim()
+    return t.unflatten(axis, (groups, -1)).narrow(axis + 1, start, length).flatten(axis, axis + 1)
 
 
 def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
@@ -236,7 +251,10 @@ class QuantizedGemm(torch.autograd.Function):
         qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
         quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
         qb = quantized_b.forward
-        y = _gemm(ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate)
+        y = _gemm(
+            ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate,
+            groups=(ops.groups, 1),
+        )  # fmt: skip
         if state.observer is not None:  # telemetry (fourbit inspect): each operand before and after
             state.observer("A", a.float(), qa.values, None)
             state.observer("B" if ops.b_is_activation else "W", b.float(), qb.values, None)
@@ -292,7 +310,10 @@ class QuantizedGemm(torch.autograd.Function):
         da = db = None
         if need_da:
             b_q = b_for_da.unpack()
-            da = _gemm(ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape)
+            da = _gemm(
+                ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape,
+                groups=(ops.groups, ops.groups),
+            )  # fmt: skip
             da.div_(s)
         if need_db:
             a_q = a_for_db.unpack()
@@ -313,8 +334,8 @@ class QuantizedGemm(torch.autograd.Function):
         return da, db, dalpha_a, dalpha_b, None, None, None, None
 
 
-def _gemm(op, x, y, x_axis, y_axis, per_index, accumulate, shape=None):
+def _gemm(op, x, y, x_axis, y_axis, per_index, accumulate, shape=None, groups=(1, 1)):
     call = op if shape is None else (lambda u, v: op(u, v, shape))
     if accumulate == "fp16":
-        return chunked_fp16(call, x, y, x_axis, y_axis, per_index)
+        return chunked_fp16(call, x, y, x_axis, y_axis, per_index, groups)
     return call(x, y)

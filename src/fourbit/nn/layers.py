@@ -114,17 +114,10 @@ class _QConvNd:
     def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)  # the torch conv class
         self.quant = QuantState(spec, seed)
-        self._check()
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec, seed: int = 0):
-        q = adopt(cls, module, spec, seed)
-        q._check()
-        return q
-
-    def _check(self):
-        if self.quant.spec.accumulate == "fp16" and self.groups != 1:
-            raise ValueError("accumulate='fp16' emulation supports groups=1 convolutions only")
+        return adopt(cls, module, spec, seed)
 
     def _explicit_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """Turn padding modes and 'same'/'valid' into an explicit pad, so the conv's three
