@@ -173,6 +173,7 @@ def test_fp16_accumulation_is_chunked():
 def test_chunked_fp16_of_exactly_representable_sums_is_exact():
     a, b = torch.ones(3, 130), torch.ones(130, 2)
     assert torch.equal(chunked_fp16(lambda u, v: u @ v, a, b, 1, 0, 1), a @ b)
+    assert torch.equal(chunked_fp16(lambda u, v: u @ v, a[:, :0], b[:0], 1, 0, 1), torch.zeros(3, 2))
 
 
 @pytest.mark.parametrize("groups", [2, 4])
@@ -214,6 +215,13 @@ def test_random_hadamard_is_orthonormal_and_preserves_the_dw_gemm():
     torch.testing.assert_close(ta.t() @ tg, a.t() @ g, rtol=1e-5, atol=1e-5)
     eye = random_hadamard(torch.eye(16), 0, signs)
     torch.testing.assert_close(eye.t() @ eye, torch.eye(16))
+    # blocks run along any axis of any rank, also with zero-size dimensions
+    x = torch.randn(3, 20, 2, generator=_gen(11))
+    torch.testing.assert_close(
+        random_hadamard(x, 1, signs), random_hadamard(x.transpose(1, 2), 2, signs).transpose(1, 2)
+    )
+    assert random_hadamard(torch.zeros(0, 7), 1, signs).shape == (0, 16)
+    assert random_hadamard(torch.zeros(0, 7), 0, signs).shape == (0, 7)
 
 
 def test_nibble_and_bit_packing_round_trip():

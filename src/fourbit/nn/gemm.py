@@ -135,7 +135,8 @@ def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
     t = (h * signs.to(x.device)) / math.sqrt(HADAMARD_SIZE)
     moved = x.movedim(axis, -1)
     moved = F.pad(moved, (0, -moved.shape[-1] % HADAMARD_SIZE))
-    blocks = moved.reshape(*moved.shape[:-1], moved.shape[-1] // HADAMARD_SIZE, HADAMARD_SIZE) @ t.t()
+    # one 2-D matmul: a batched one over every leading index is ~5x slower on the CPU
+    blocks = moved.reshape(moved.numel() // HADAMARD_SIZE, HADAMARD_SIZE) @ t.t()
     return blocks.reshape(moved.shape).movedim(-1, axis)
 
 
