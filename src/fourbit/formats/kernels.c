@@ -351,15 +351,17 @@ static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, 
     return scale_code;
 }
 
-/* The tile of index t: (first row, past-last row, first column, width). */
-static inline void tile_bounds(int64_t t, int64_t mrows, int64_t cols, int R, int C, int64_t *r0, int64_t *r1,
-                               int64_t *c0, int64_t *width) {
-    int64_t trows = (mrows + R - 1) / R, tcols = (cols + C - 1) / C;
-    int64_t m = t / (trows * tcols), tr = t / tcols % trows;
-    *c0 = t % tcols * C;
-    *r0 = m * mrows + tr * R;
+/* Tiles are visited band by band (R rows of one matrix: tiles band·tcols ... band·tcols +
+ * tcols - 1), so that index arithmetic costs a division per band, not several per tile: with
+ * 1-D blocks of 16 those divisions cost more than quantizing the block. */
+static inline void band_rows(int64_t band, int64_t mrows, int R, int64_t *r0, int64_t *r1) {
+    if (R == 1) {
+        *r0 = band, *r1 = band + 1;
+        return;
+    }
+    int64_t trows = (mrows + R - 1) / R, m = band / trows;
+    *r0 = m * mrows + (band - m * trows) * R;
     *r1 = *r0 + R < (m + 1) * mrows ? *r0 + R : (m + 1) * mrows;
-    *width = *c0 + C < cols ? C : cols - *c0;
 }
 
 /* codes / scale_codes NULL: values only (quantize); else encode too (one scale code per tile,
@@ -367,35 +369,41 @@ static inline void tile_bounds(int64_t t, int64_t mrows, int64_t cols, int R, in
 void fb_block_quantize(const float *x, int64_t count, int64_t mrows, int64_t cols, int R, int C, float d,
                        int e4m3, const float *u, float *out, uint8_t *codes, uint8_t *scale_codes,
                        int nthreads) {
-    int64_t tiles = count * ((mrows + R - 1) / R) * ((cols + C - 1) / C);
+    int64_t bands = count * ((mrows + R - 1) / R), tcols = (cols + C - 1) / C;
 #pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t r0, r1, c0, width;
-        tile_bounds(t, mrows, cols, R, C, &r0, &r1, &c0, &width);
-        uint8_t sc;
-        const float *ut = u ? u + t * R * C : NULL;
-        if (width == 16)
-            sc = block_tile(x, out, codes, r0, r1, c0, 16, cols, d, e4m3, ut, C);
-        else if (width == 32)
-            sc = block_tile(x, out, codes, r0, r1, c0, 32, cols, d, e4m3, ut, C);
-        else
-            sc = block_tile(x, out, codes, r0, r1, c0, width, cols, d, e4m3, ut, C);
-        if (scale_codes) scale_codes[t] = sc;
+    for (int64_t band = 0; band < bands; band++) {
+        int64_t r0, r1;
+        band_rows(band, mrows, R, &r0, &r1);
+        for (int64_t tc = 0, t = band * tcols; tc < tcols; tc++, t++) {
+            int64_t c0 = tc * C, width = c0 + C < cols ? C : cols - c0;
+            const float *ut = u ? u + t * R * C : NULL;
+            uint8_t sc;
+            if (width == 16)
+                sc = block_tile(x, out, codes, r0, r1, c0, 16, cols, d, e4m3, ut, C);
+            else if (width == 32)
+                sc = block_tile(x, out, codes, r0, r1, c0, 32, cols, d, e4m3, ut, C);
+            else
+                sc = block_tile(x, out, codes, r0, r1, c0, width, cols, d, e4m3, ut, C);
+            if (scale_codes) scale_codes[t] = sc;
+        }
     }
 }
 
 /* Decode: out = (e2m1(code) · s) · d per element, NaN in a tile whose scale is NaN. */
 void fb_block_decode(const uint8_t *codes, const uint8_t *scale_codes, int64_t count, int64_t mrows,
                      int64_t cols, int R, int C, float d, int e4m3, float *out, int nthreads) {
-    int64_t tiles = count * ((mrows + R - 1) / R) * ((cols + C - 1) / C);
+    int64_t bands = count * ((mrows + R - 1) / R), tcols = (cols + C - 1) / C;
 #pragma omp parallel for num_threads(nthreads) if (count * mrows * cols > PARALLEL_MIN) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t r0, r1, c0, width;
-        tile_bounds(t, mrows, cols, R, C, &r0, &r1, &c0, &width);
-        uint8_t sc = scale_codes[t];
-        float s = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
-        for (int64_t r = r0; r < r1; r++)
-            for (int64_t c = c0; c < c0 + width; c++) out[r * cols + c] = (E2M1_VALUES[codes[r * cols + c] & 15] * s) * d;
+    for (int64_t band = 0; band < bands; band++) {
+        int64_t r0, r1;
+        band_rows(band, mrows, R, &r0, &r1);
+        for (int64_t tc = 0, t = band * tcols; tc < tcols; tc++, t++) {
+            int64_t c0 = tc * C, c1 = c0 + C < cols ? c0 + C : cols;
+            uint8_t sc = scale_codes[t];
+            float s = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
+            for (int64_t r = r0; r < r1; r++)
+                for (int64_t c = c0; c < c1; c++) out[r * cols + c] = (E2M1_VALUES[codes[r * cols + c] & 15] * s) * d;
+        }
     }
 }
 
