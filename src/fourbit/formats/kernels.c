@@ -189,31 +189,56 @@ void fb_table_quantize(const float *x, int64_t n, float premul, float scale, con
  * hi when u_round · (hi - lo) < a - lo. Below the grid: hi when u_under · hi < a (stochastic
  * underflow) or a >= hi / 2 (u_under NULL). a >= 2**phase or inf saturates; 0 stays 0 (signed),
  * NaN stays NaN; out = q · scale. */
-static inline int floor_log2_pos(float a) { /* a finite and > 0, subnormals included */
-    uint32_t u = bits_of(a);
-    int f = (int)(u >> 23);
-    return f ? f - 127 : -149 + 31 - __builtin_clz(u);
+static inline int floor_log2_nonneg(float a) { /* a finite and >= 0 (0 gives -150); no branch */
+    int sub = (bits_of(a) >> 23) == 0; /* a subnormal, made normal by 2**23 (exactly) */
+    return (int)(bits_of(sub ? a * 8388608.0f : a) >> 23) - 127 - (sub ? 23 : 0);
 }
 
-void fb_log_stochastic(const float *x, int64_t n, float scale, int phase, int j, int kmax, const float *u_round,
-                       const float *u_under, float *out, int nthreads) {
-#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        float y = x[i] / scale, a = fabsf(y);
-        int finite = a > 0.0f && a <= 3.4028234663852886e38f;
-        int t = (finite ? floor_log2_pos(a) : 0) - phase;
+/* Inlined with the radix exponent j and the presence of u_under as constants: a division
+ * by a variable j costs more than all the rest of the element, and with constants (and no
+ * branch: selects of floats only) gcc vectorizes the loop. */
+static inline __attribute__((always_inline)) void log_stochastic_range(const float *x, int64_t lo_i, int64_t hi_i,
+                                                                        float scale, int phase, int j, int kmax,
+                                                                        const float *u_round,
+                                                                        const float *u_under, int under,
+                                                                        float *out) {
+    for (int64_t i = lo_i; i < hi_i; i++) {
+        float y = x[i] / scale, a = fabsf(y), ur = u_round[i], uu = u_under[i];
+        int finite = (a > 0.0f) & (a <= 3.4028234663852886e38f);
+        int t = (finite ? floor_log2_nonneg(a) : 0) - phase;
         int k = -(t >= 0 ? t / j : -((-t + j - 1) / j)); /* -floor(t / j) */
         int kc = k < 1 ? 1 : (k > kmax + 1 ? kmax + 1 : k);
         float hi = pow2f(phase - j * (kc - 1)), lo = k > kmax ? 0.0f : hi / (float)(1 << j);
-        int up;
-        if (lo == 0.0f)
-            up = u_under ? u_under[i] * hi < a : a >= hi / 2.0f;
-        else
-            up = u_round[i] * (hi - lo) < a - lo;
-        float q = up ? hi : lo;
-        q = (k <= 0 || a == INFINITY) ? pow2f(phase) : q;
+        float q_under = (under ? uu * hi < a : a >= hi / 2.0f) ? hi : 0.0f; /* (float selects vectorize) */
+        float q_round = ur * (hi - lo) < a - lo ? hi : lo;
+        float q = lo == 0.0f ? q_under : q_round;
+        q = ((k <= 0) | (a == INFINITY)) ? pow2f(phase) : q;
         q = a == 0.0f ? 0.0f : q;
         out[i] = (a != a ? y : copysignf(q, y)) * scale;
+    }
+}
+
+#define LOG_STOCHASTIC_J(J)                                                                        \
+    if (u_under)                                                                                   \
+        log_stochastic_range(x, lo, hi, scale, phase, J, kmax, u_round, u_under, 1, out);          \
+    else /* (u_round stands in for the draws not read) */                                          \
+        log_stochastic_range(x, lo, hi, scale, phase, J, kmax, u_round, u_round, 0, out);
+
+void fb_log_stochastic(const float *x, int64_t n, float scale, int phase, int j, int kmax, const float *u_round,
+                       const float *u_under, float *out, int nthreads) {
+    int64_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        CHUNK_BOUNDS(ch, n, lo, hi);
+        if (j == 1) {
+            LOG_STOCHASTIC_J(1)
+        } else if (j == 2) {
+            LOG_STOCHASTIC_J(2)
+        } else if (j == 3) {
+            LOG_STOCHASTIC_J(3)
+        } else {
+            LOG_STOCHASTIC_J(j)
+        }
     }
 }
 
