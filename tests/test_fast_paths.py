@@ -142,6 +142,28 @@ def test_block_format_fast_quantize_of_odd_shapes(name, shape):
         _same_bits(fast, ref)
 
 
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("axis", [1, -2, 0])
+def test_block_format_fast_quantize_along_a_strided_axis(name, axis):
+    """Blocks along a middle axis are quantized in place (no transposition), in chunks of 64
+    columns: 150 columns leave a partial chunk, 37 rows a partial block."""
+    fmt = formats.get(name)
+    x = torch.randn(3, 37, 150, generator=torch.Generator().manual_seed(3)) * 10
+    x[1, 5, 70], x[2, 36, 149], x[0, :16, 3] = float("nan"), float("inf"), 1e-45
+    for rounding in ("nearest", "stochastic"):
+        draws = {"axis": axis, "rounding": rounding}
+        fast = fmt.quantize(x, **draws, generator=torch.Generator().manual_seed(4))
+        fast_codes = fmt.encode(x, **draws, generator=torch.Generator().manual_seed(4))
+        with pure_torch():
+            ref = fmt.quantize(x, **draws, generator=torch.Generator().manual_seed(4))
+            ref_codes = fmt.encode(x, **draws, generator=torch.Generator().manual_seed(4))
+            ref_decoded = fmt.decode(ref_codes)
+        _same_bits(fast, ref)
+        assert all(torch.equal(a, b) for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True))
+        _same_bits(fmt.decode(fast_codes), ref_decoded)
+        assert fast.is_contiguous()
+
+
 def test_fast_paths_keep_the_input_dtype_and_fall_back_for_other_dtypes():
     x = _inputs()
     for name in ("int4", "fp4_radix4", "fp4_e2m1"):

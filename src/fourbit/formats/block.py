@@ -130,8 +130,10 @@ class BlockFormat(Format):
         return t.reshape((1,) * (2 - t.ndim) + tuple(t.shape)) if t.ndim < 2 else t
 
     def _unarrange(self, v: Tensor, like: Tensor, axis: int) -> Tensor:
+        # (contiguous: a conv given a transposed view answers in channels-last layout, which
+        # makes the BatchNorm after it several times slower on the CPU)
         if len(self.block_shape) == 1 and like.ndim > 0:
-            return v.movedim(-1, axis)
+            return v.movedim(-1, axis).contiguous()
         return v.reshape(like.shape)
 
     # -- the public API ------------------------------------------------------------------------
@@ -146,17 +148,17 @@ class BlockFormat(Format):
     ) -> BlockCodes:
         """Element codes, block-scale codes and the tensor scale of `x` (`scale`: one number)."""
         rounding = self._check(phase, rounding)
-        y = self._arrange(_float32(x), axis)
+        x32 = _float32(x)
+        y = self._arrange(x32, axis)
         if scale is None:
             scale = self._default_tensor_scale(y)
         scale = check_scale(scale)
         if isinstance(scale, Tensor) and scale.numel() != 1:
             raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
         d = torch.as_tensor(scale, dtype=torch.float32, device=y.device)
-        fast = self._kernel(y, scale, rounding, generator, codes=True)
+        fast = self._kernel(x32, axis, scale, rounding, generator, codes=True)
         if fast is not None:
-            codes = self._unarrange(fast[1], x, axis)
-            return BlockCodes(codes, fast[2], d.reshape(()), axis)
+            return BlockCodes(fast[1], fast[2], d.reshape(()), axis)
 
         finite = torch.isfinite(self._to_blocks(y))
         bad = ~finite.all(-1)
@@ -187,9 +189,14 @@ class BlockFormat(Format):
         d = enc.tensor_scale if scale is None else torch.as_tensor(scale, dtype=torch.float32)
         codes = self._arrange(enc.codes, enc.axis)
         if codes.numel() and codes.device.type == "cpu" and kernels.available():
-            matrices, tile = self._matrices(codes)
-            v = kernels.block_decode(matrices, enc.scale_codes, tile, float(d), self.scale_format == "e4m3")
-            return self._unarrange(v.reshape(codes.shape), enc.codes, enc.axis)
+            e4m3 = self.scale_format == "e4m3"
+            if len(self.block_shape) == 1:
+                axis = enc.axis % max(enc.codes.ndim, 1)
+                return kernels.block_decode_axis(
+                    enc.codes, enc.scale_codes, axis, self.block_shape[0], float(d), e4m3
+                )
+            v = kernels.block_decode(codes, enc.scale_codes, self.block_shape, float(d), e4m3)
+            return v.reshape(enc.codes.shape)
         if self.scale_format == "e8m0":
             c = enc.scale_codes.to(torch.int32)
             s = torch.where(c == E8M0_NAN, float("nan"), exp2i(c - E8M0_BIAS))
@@ -208,39 +215,40 @@ class BlockFormat(Format):
         axis: int = -1,
     ) -> Tensor:
         """Dequantized values of `x`, in its dtype (see the class docstring for the scales)."""
-        y = self._arrange(_float32(x), axis)
+        x32 = _float32(x)
         rounding = self._check(phase, rounding)
-        if y.numel() and kernels.applies(y):
-            scale = check_scale(self._default_tensor_scale(y) if scale is None else scale)
-            fast = self._kernel(y, scale, rounding, generator, codes=False)
+        if x32.numel() and kernels.applies(x32):
+            scale = check_scale(self._default_tensor_scale(x32) if scale is None else scale)
+            fast = self._kernel(x32, axis, scale, rounding, generator, codes=False)
             if fast is not None:
-                return self._unarrange(fast[0], x, axis).to(x.dtype)
+                return fast[0].to(x.dtype)
         return self.decode(self.encode(x, scale, phase, rounding, generator, axis)).to(x.dtype)
 
-    def _matrices(self, t: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        """An arranged tensor as the kernels see it (matrices tiled by R x C), and the tile."""
-        if len(self.block_shape) == 2:
-            return t, self.block_shape
-        return t.reshape(-1, 1, t.shape[-1]), (1, *self.block_shape)
-
-    def _kernel(self, y: Tensor, scale: ScaleLike, rounding: str, generator, codes: bool):
-        """(values, element codes, scale codes) of the arranged y from formats/kernels.c,
-        shaped as the definition's; None where the kernels do not apply."""
+    def _kernel(self, x: Tensor, axis: int, scale: ScaleLike, rounding: str, generator, codes: bool):
+        """(values, element codes, scale codes) of float32 x from formats/kernels.c, shaped as
+        the definition's; None where the kernels do not apply. 1-D blocks are quantized where
+        they lie (no transposition of x); their codes are numbered as if `axis` were last."""
         d = kernels.scalar(scale)
-        if d is None or not y.numel() or not kernels.applies(y):
+        if d is None or not x.numel() or not kernels.applies(x):
             return None
-        matrices, tile = self._matrices(y)
-        (R, C), r, c = tile, matrices.shape[-2], matrices.shape[-1]
-        grid = (-(-y.shape[-1] // C),) if len(self.block_shape) == 1 else (-(-r // R), -(-c // C))
-        lead = y.shape[: y.ndim - len(self.block_shape)]
-        # stochastic: the definition's draws, one per element of its padded block layout
-        u = random_uniform(y, generator, (*lead, *grid, R * C)) if rounding == "stochastic" else None
-        v, element_codes, scale_codes = kernels.block_quantize(
-            matrices, tile, d, self.scale_format == "e4m3", codes, u
-        )
+        e4m3 = self.scale_format == "e4m3"
+        stochastic = rounding == "stochastic"  # the definition's draws, in its padded block layout
+        if len(self.block_shape) == 1:
+            (B,) = self.block_shape
+            axis = axis % max(x.ndim, 1)
+            lead = x.shape[:axis] + x.shape[axis + 1 :]
+            grid = (*lead, -(-(x.shape[axis] if x.ndim else 1) // B))
+            u = random_uniform(x, generator, (*grid, B)) if stochastic else None
+            v, element_codes, scale_codes = kernels.block_quantize_axis(x, axis, B, d, e4m3, codes, u)
+            return v, element_codes, (scale_codes.reshape(grid) if codes else None)
+        y = self._arrange(x, axis)
+        (R, C), r, c = self.block_shape, y.shape[-2], y.shape[-1]
+        grid = (*y.shape[:-2], -(-r // R), -(-c // C))
+        u = random_uniform(y, generator, (*grid, R * C)) if stochastic else None
+        v, element_codes, scale_codes = kernels.block_quantize(y, (R, C), d, e4m3, codes, u)
         if not codes:
-            return v.reshape(y.shape), None, None
-        return v.reshape(y.shape), element_codes.reshape(y.shape), scale_codes.reshape(*lead, *grid)
+            return v.reshape(x.shape), None, None
+        return v.reshape(x.shape), element_codes.reshape(x.shape), scale_codes.reshape(grid)
 
     def values(self, scale: ScaleLike = 1.0, phase: int = 0) -> Tensor:
         """The element grid of one block whose total decode scale is `scale`."""

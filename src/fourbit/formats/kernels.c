@@ -313,65 +313,66 @@ static inline float e4m3_value(uint8_t c) {
     return fld ? (float)(8 + mant) * pow2f(fld - 10) : (float)mant * pow2f(-9);
 }
 
+/* A block's scale s from the maxima (bit patterns) of |y| and |v| = |clamp(y / d)| over it,
+ * and its code; NaN when the block holds a NaN or inf. */
+static inline float block_scale(uint32_t ymax, uint32_t vmax, int e4m3, uint8_t *scale_code) {
+    if (ymax >= 0x7F800000u) {
+        *scale_code = e4m3 ? 0x7F : 255;
+        return NAN;
+    }
+    if (e4m3) {
+        float s = float_round(float_of(vmax) / 6.0f, 3, -6, 448.0f, 448.0f, 0, 0.0f);
+        *scale_code = e4m3_code(s);
+        return s;
+    }
+    int e = vmax == 0 ? -127 : (int)(vmax >> 23) - 127 - 2;
+    e = e < -127 ? -127 : (e > 127 ? 127 : e);
+    *scale_code = (uint8_t)(e + 127);
+    return pow2f(e);
+}
+
+/* v = clamp(y / d, ±FLT_MAX), the value a block's scale is fitted to */
+static inline float block_input(float y, float d) {
+    const float big = 3.4028234663852886e38f;
+    float v = y / d;
+    return v > big ? big : (v < -big ? -big : v);
+}
+
+/* the e2m1 element of v in a block of scale s (> 0, else the element is 0) */
+static inline __attribute__((always_inline)) float block_element(float v, float s, int stochastic, float u) {
+    return s > 0.0f ? float_round(v / s, 1, 0, 6.0f, 6.0f, stochastic, u) : 0.0f;
+}
+
 /* One tile: rows r0..r1-1, `width` columns from c0; returns its scale code. Inlined with
  * width 16 or 32 as a constant, so the compiler unrolls and vectorizes the short loops. */
 static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, float *out, uint8_t *codes,
                                                                 int64_t r0, int64_t r1, int64_t c0,
                                                                 int64_t width, int64_t cols, float d,
                                                                 int e4m3, const float *u, int C) {
-    const float big = 3.4028234663852886e38f;
     uint32_t ymax = 0, vmax = 0;
     for (int64_t r = r0; r < r1; r++) {
         const float *y = x + r * cols + c0;
         float *o = out + r * cols + c0;
         for (int64_t c = 0; c < width; c++) {
-            uint32_t u = bits_of(y[c]) & 0x7FFFFFFFu;
-            float v = y[c] / d;
-            v = v > big ? big : (v < -big ? -big : v);
+            uint32_t a = bits_of(y[c]) & 0x7FFFFFFFu;
+            float v = block_input(y[c], d);
             o[c] = v;
             uint32_t w = bits_of(v) & 0x7FFFFFFFu;
-            ymax = ymax > u ? ymax : u;
+            ymax = ymax > a ? ymax : a;
             vmax = vmax > w ? vmax : w;
         }
     }
-    float amax = float_of(vmax), s;
     uint8_t scale_code;
-    if (ymax >= 0x7F800000u) { /* a NaN or inf */
-        s = NAN;
-        scale_code = e4m3 ? 0x7F : 255;
-    } else if (e4m3) {
-        s = float_round(amax / 6.0f, 3, -6, 448.0f, 448.0f, 0, 0.0f);
-        scale_code = e4m3_code(s);
-    } else {
-        int e = amax == 0.0f ? -127 : (int)(vmax >> 23) - 127 - 2;
-        e = e < -127 ? -127 : (e > 127 ? 127 : e);
-        s = pow2f(e);
-        scale_code = (uint8_t)(e + 127);
-    }
-    for (int64_t r = r0; r < r1; r++) {
-        float *o = out + r * cols + c0;
-        uint8_t *k = codes ? codes + r * cols + c0 : NULL;
-        if (s != s) {
-            for (int64_t c = 0; c < width; c++) o[c] = NAN;
-            if (k)
-                for (int64_t c = 0; c < width; c++) k[c] = 0;
-        } else if (u) {
-            const float *ur = u + (r - r0) * C;
-            for (int64_t c = 0; c < width; c++) {
-                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 1, ur[c]) : 0.0f;
-                if (k) k[c] = e2m1_code(e);
-                o[c] = (e * s) * d;
-            }
-        } else if (k) {
-            for (int64_t c = 0; c < width; c++) {
-                float e = s > 0.0f ? float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 0, 0.0f) : 0.0f;
-                k[c] = e2m1_code(e);
-                o[c] = (e * s) * d;
-            }
-        } else {
-            for (int64_t c = 0; c < width; c++)
-                o[c] = s > 0.0f ? (float_round(o[c] / s, 1, 0, 6.0f, 6.0f, 0, 0.0f) * s) * d : 0.0f;
-        }
+    float s = block_scale(ymax, vmax, e4m3, &scale_code);
+    for (int64_t r = r0; r < r1; r++) { /* (a NaN scale gives elements 0, codes 0, values NaN) */
+        float *o = out + r * cols + c0, e[width];
+        if (u)
+            for (int64_t c = 0; c < width; c++) e[c] = block_element(o[c], s, 1, u[(r - r0) * C + c]);
+        else
+            for (int64_t c = 0; c < width; c++) e[c] = block_element(o[c], s, 0, 0.0f);
+        if (codes)
+            for (int64_t c = 0; c < width; c++) codes[r * cols + c0 + c] = e2m1_code(e[c]);
+        for (int64_t c = 0; c < width; c++) o[c] = (e[c] * s) * d;
     }
     return scale_code;
 }
@@ -428,6 +429,90 @@ void fb_block_decode(const uint8_t *codes, const uint8_t *scale_codes, int64_t c
             float s = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
             for (int64_t r = r0; r < r1; r++)
                 for (int64_t c = c0; c < c1; c++) out[r * cols + c] = (E2M1_VALUES[codes[r * cols + c] & 15] * s) * d;
+        }
+    }
+}
+
+/* ---- 1-D blocks along a strided axis, without moving it last ------------------------------
+ * x viewed as [outer, n, inner]: block (o, b, i) is rows b·B ... of column i of matrix o, in
+ * the numbering of the reference's layout (the axis moved last): scale code
+ * (o·inner + i)·nb + b, draws B per block from ((o·inner + i)·nb + b)·B. The rows of a band
+ * are read contiguously, COLS columns at a time, so the work vectorizes across the blocks. */
+#define COLS 64
+
+void fb_block_quantize_axis(const float *x, int64_t outer, int64_t n, int64_t inner, int B, float d, int e4m3,
+                            const float *u, float *out, uint8_t *codes, uint8_t *scale_codes, int nthreads) {
+    if (inner == 1) { /* the axis is last: tiles of 1 x B */
+        fb_block_quantize(x, outer, 1, n, 1, B, d, e4m3, u, out, codes, scale_codes, nthreads);
+        return;
+    }
+    int64_t nb = (n + B - 1) / B, bands = outer * nb;
+#pragma omp parallel for num_threads(nthreads) if (outer * n * inner > PARALLEL_MIN) schedule(static)
+    for (int64_t band = 0; band < bands; band++) {
+        int64_t o = band / nb, b = band - o * nb, r0 = b * B, r1 = r0 + B < n ? r0 + B : n;
+        const float *xm = x + o * n * inner;
+        float *om = out + o * n * inner;
+        uint8_t *km = codes ? codes + o * n * inner : NULL;
+        for (int64_t i0 = 0; i0 < inner; i0 += COLS) {
+            int64_t w = i0 + COLS < inner ? COLS : inner - i0;
+            uint32_t ymax[COLS] = {0}, vmax[COLS] = {0};
+            float s[COLS];
+            for (int64_t r = r0; r < r1; r++) {
+                const float *y = xm + r * inner + i0;
+                float *ov = om + r * inner + i0;
+                for (int64_t c = 0; c < w; c++) {
+                    uint32_t a = bits_of(y[c]) & 0x7FFFFFFFu;
+                    float v = block_input(y[c], d);
+                    ov[c] = v;
+                    uint32_t vb = bits_of(v) & 0x7FFFFFFFu;
+                    ymax[c] = ymax[c] > a ? ymax[c] : a;
+                    vmax[c] = vmax[c] > vb ? vmax[c] : vb;
+                }
+            }
+            for (int64_t c = 0; c < w; c++) {
+                uint8_t sc;
+                s[c] = block_scale(ymax[c], vmax[c], e4m3, &sc);
+                if (scale_codes) scale_codes[(o * inner + i0 + c) * nb + b] = sc;
+            }
+            for (int64_t r = r0; r < r1; r++) { /* (as block_tile: separate loops vectorize) */
+                float *ov = om + r * inner + i0, e[COLS];
+                if (u) {
+                    const float *ub = u + ((o * inner + i0) * nb + b) * B + (r - r0);
+                    for (int64_t c = 0; c < w; c++) e[c] = ub[c * nb * B];
+                    for (int64_t c = 0; c < w; c++) e[c] = block_element(ov[c], s[c], 1, e[c]);
+                } else {
+                    for (int64_t c = 0; c < w; c++) e[c] = block_element(ov[c], s[c], 0, 0.0f);
+                }
+                if (km)
+                    for (int64_t c = 0; c < w; c++) km[r * inner + i0 + c] = e2m1_code(e[c]);
+                for (int64_t c = 0; c < w; c++) ov[c] = (e[c] * s[c]) * d;
+            }
+        }
+    }
+}
+
+void fb_block_decode_axis(const uint8_t *codes, const uint8_t *scale_codes, int64_t outer, int64_t n,
+                          int64_t inner, int B, float d, int e4m3, float *out, int nthreads) {
+    if (inner == 1) {
+        fb_block_decode(codes, scale_codes, outer, 1, n, 1, B, d, e4m3, out, nthreads);
+        return;
+    }
+    int64_t nb = (n + B - 1) / B, bands = outer * nb;
+#pragma omp parallel for num_threads(nthreads) if (outer * n * inner > PARALLEL_MIN) schedule(static)
+    for (int64_t band = 0; band < bands; band++) {
+        int64_t o = band / nb, b = band - o * nb, r0 = b * B, r1 = r0 + B < n ? r0 + B : n;
+        for (int64_t i0 = 0; i0 < inner; i0 += COLS) {
+            int64_t w = i0 + COLS < inner ? COLS : inner - i0;
+            float s[COLS];
+            for (int64_t c = 0; c < w; c++) {
+                uint8_t sc = scale_codes[(o * inner + i0 + c) * nb + b];
+                s[c] = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
+            }
+            for (int64_t r = r0; r < r1; r++) {
+                const uint8_t *k = codes + (o * n + r) * inner + i0;
+                float *ov = out + (o * n + r) * inner + i0;
+                for (int64_t c = 0; c < w; c++) ov[c] = (E2M1_VALUES[k[c] & 15] * s[c]) * d;
+            }
         }
     }
 }

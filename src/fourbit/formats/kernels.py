@@ -28,8 +28,13 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("kernels.c")
-# -ffp-contract=off: no fused multiply-add, so every product is rounded as torch rounds it
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+# -ffp-contract=off: no fused multiply-add, so every product is rounded as torch rounds it;
+# -fno-trapping-math: floating-point status flags are never read, so floorf (stochastic
+# rounding) vectorizes (values are unchanged: no reassociation, the same rounding mode)
+FLAGS = [
+    "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+    "-shared",
+]  # fmt: skip
 
 _f32p = ctypes.POINTER(ctypes.c_float)
 _u8p = ctypes.POINTER(ctypes.c_uint8)
@@ -50,6 +55,11 @@ _SIGNATURES = {
         [_f32p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _f32p, _u8p, _u8p, _int],
     ),
     "fb_block_decode": (None, [_u8p, _u8p, _i64, _i64, _i64, _int, _int, _f32, _int, _f32p, _int]),
+    "fb_block_quantize_axis": (
+        None,
+        [_f32p, _i64, _i64, _i64, _int, _f32, _int, _f32p, _f32p, _u8p, _u8p, _int],
+    ),
+    "fb_block_decode_axis": (None, [_u8p, _u8p, _i64, _i64, _i64, _int, _f32, _int, _f32p, _int]),
     "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
     "fb_clip_with_mask": (None, [_f32p, _i64, _f32, _f32, _int, _f32p, _u8p, _int]),
     "fb_masked": (None, [_f32p, _i64, _u8p, _f32p, _int]),
@@ -275,6 +285,51 @@ def block_decode(codes: Tensor, scale_codes: Tensor, tile: tuple[int, int], tens
     count = codes.numel() // max(rows * cols, 1)
     library().fb_block_decode(
         _ptr(codes, _u8p), _ptr(scale_codes, _u8p), count, rows, cols, R, C, tensor_scale, int(e4m3),
+        _ptr(out, _f32p), _threads(),
+    )  # fmt: skip
+    return out
+
+
+def _around(shape: torch.Size, axis: int) -> tuple[int, int, int]:
+    """(outer, n, inner): a tensor of `shape` as [outer, n, inner] with `axis` in the middle."""
+    return math.prod(shape[:axis]), (shape[axis] if shape else 1), math.prod(shape[axis + 1 :])
+
+
+def block_quantize_axis(
+    x: Tensor,
+    axis: int,
+    block: int,
+    tensor_scale: float,
+    e4m3: bool,
+    codes: bool = False,
+    u: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """block_quantize of 1-D blocks of `block` along `axis` (>= 0) of x, in x's own layout:
+    (values, element codes, scale codes), the codes as if `axis` were moved last (one scale
+    per block, draws u: `block` per block, in that order)."""
+    x = x.contiguous()
+    outer, n, inner = _around(x.shape, axis)
+    blocks = outer * inner * -(-n // block)
+    u = _draws(u, blocks * block)
+    out = torch.empty_like(x)
+    element_codes = torch.empty(x.shape, dtype=torch.uint8) if codes else None
+    scale_codes = torch.empty(blocks, dtype=torch.uint8) if codes else None
+    library().fb_block_quantize_axis(
+        _ptr(x, _f32p), outer, n, inner, block, tensor_scale, int(e4m3), _ptr(u, _f32p), _ptr(out, _f32p),
+        _ptr(element_codes, _u8p), _ptr(scale_codes, _u8p), _threads(),
+    )  # fmt: skip
+    return out, element_codes, scale_codes
+
+
+def block_decode_axis(
+    codes: Tensor, scale_codes: Tensor, axis: int, block: int, tensor_scale: float, e4m3: bool
+):
+    """Inverse of block_quantize_axis's codes: float32 values shaped like `codes`."""
+    codes, scale_codes = codes.contiguous(), scale_codes.contiguous()
+    outer, n, inner = _around(codes.shape, axis)
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    library().fb_block_decode_axis(
+        _ptr(codes, _u8p), _ptr(scale_codes, _u8p), outer, n, inner, block, tensor_scale, int(e4m3),
         _ptr(out, _f32p), _threads(),
     )  # fmt: skip
     return out
