@@ -151,7 +151,7 @@ class BlockFormat(Format):
         x32 = _float32(x)
         y = self._arrange(x32, axis)
         if scale is None:
-            scale = self._default_tensor_scale(y)
+            scale = self._default_tensor_scale(x32)  # (any layout: x32 has no copy to make)
         scale = check_scale(scale)
         if isinstance(scale, Tensor) and scale.numel() != 1:
             raise ValueError(f"a block format's tensor scale is one number; got shape {tuple(scale.shape)}")
