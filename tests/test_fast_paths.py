@@ -8,7 +8,7 @@ import torch
 
 import fourbit
 from fourbit import formats
-from fourbit.formats import BlockFormat, kernels
+from fourbit.formats import BlockFormat, base, kernels
 from fourbit.nn import QMatmul
 from fourbit.nn.gemm import _pact_backward
 from fourbit.nn.quant import quantize_int_operand, quantize_operand
@@ -162,6 +162,14 @@ def test_block_format_fast_quantize_along_a_strided_axis(name, axis):
         assert all(torch.equal(a, b) for a, b in zip(fast_codes[:3], ref_codes[:3], strict=True))
         _same_bits(fmt.decode(fast_codes), ref_decoded)
         assert fast.is_contiguous()
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 255, 256, 257, 1001, 300_001])
+def test_philox_kernel_equals_the_definition(n):
+    fast = base.philox_uniform((0x12345678, 0x9ABCDEF0), n)
+    with pure_torch():
+        ref = base.philox_uniform((0x12345678, 0x9ABCDEF0), n)
+    assert torch.equal(fast, ref)
 
 
 def test_fast_paths_keep_the_input_dtype_and_fall_back_for_other_dtypes():

@@ -15,6 +15,7 @@ import torch
 import reference as R
 from fourbit import formats
 from fourbit.formats import BlockFormat, FloatFormat, IntFormat, LogFormat, pixels_to_int4
+from fourbit.formats.base import philox4x32_10, random_uniform
 
 ALL = formats.names()
 BLOCK = [n for n in ALL if isinstance(formats.get(n), BlockFormat)]
@@ -469,6 +470,43 @@ def test_stochastic_rounding_of_many_values(name):
         gen.manual_seed(11)
         again = fmt.quantize(torch.from_numpy(x), phase=phase, rounding="stochastic", generator=gen)
         np.testing.assert_array_equal(again.double().numpy(), q)
+
+
+# Random123's known-answer vectors for Philox4x32-10 (tests/kat_vectors): counter, key, result
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_philox_matches_random123_known_answers(counter, key, expected):
+    words = philox4x32_10([torch.tensor([c]) for c in counter], key)
+    assert [int(w) for w in words] == list(expected)
+
+
+def test_stochastic_rounding_draws_are_uniform_and_follow_the_generator():
+    """random_uniform: Philox keyed from the generator. 24-bit uniforms on [0, 1) (chi-square
+    over 64 bins, no serial correlation), a function of the generator's state, which advances."""
+    like = torch.empty(1_000_003)
+    gen = torch.Generator().manual_seed(5)
+    u = random_uniform(like, gen)
+    assert u.shape == like.shape and u.dtype == torch.float32
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert torch.equal(u * 2**24, (u * 2**24).floor())  # exactly 24-bit values
+    counts = torch.histc(u, bins=64, min=0.0, max=1.0).double()
+    expected = u.numel() / 64
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 120, chi2  # 63 degrees of freedom: p < 1e-5 above 120
+    centred = u.double() - 0.5
+    assert abs(float((centred[1:] * centred[:-1]).mean())) < 4 * (1 / 12) / math.sqrt(u.numel())
+    assert not torch.equal(random_uniform(like, gen), u)  # the generator moved on
+    assert torch.equal(random_uniform(like, torch.Generator().manual_seed(5)), u)
 
 
 # -- bad input ------------------------------------------------------------------------------------

@@ -45,13 +45,53 @@ def check_input(x: Tensor) -> Tensor:
     return x.float()
 
 
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # Philox4x32's multipliers and key increments
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+WORD = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, c: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit words of m · c (c: int64 tensor of 32-bit words), in int64 without
+    overflow: m split into 16-bit halves, each partial product below 2**48."""
+    a, b = (m >> 16) * c, (m & 0xFFFF) * c
+    return (a + (b >> 16)) >> 16, (((a & 0xFFFF) << 16) + b) & WORD
+
+
+def philox4x32_10(counter: list[Tensor], key: tuple[int, int]) -> list[Tensor]:
+    """Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011)
+    of four int64 tensors of 32-bit counter words under a key of two 32-bit words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + PHILOX_W[0]) & WORD, (k1 + PHILOX_W[1]) & WORD
+    return [c0, c1, c2, c3]
+
+
+def philox_uniform(key: tuple[int, int], n: int, device=None) -> Tensor:
+    """n float32 draws in [0, 1): draw i is word i % 4 of Philox4x32-10 at counter
+    (i // 4, 0, 0, 0), its top 24 bits times 2**-24 (torch.rand's float32 resolution). The
+    CPU kernel computes the same draws; this is its oracle and the path on other devices."""
+    if n > 4 * 2**32:
+        raise ValueError(f"at most 2**34 draws per call (a 32-bit block counter); asked for {n}")
+    if torch.device(device or "cpu").type == "cpu" and kernels.available():
+        return kernels.philox_uniform(key, n)
+    block = torch.arange(-(-n // 4), dtype=torch.int64, device=device)
+    zero = torch.zeros_like(block)
+    words = torch.stack(philox4x32_10([block, zero, zero, zero], key), 1).reshape(-1)[:n]
+    return (words >> 8).float() * 2.0**-24
+
+
 def random_uniform(like: Tensor, generator: torch.Generator | None, shape: tuple | None = None) -> Tensor:
-    """float32 U[0, 1) draws shaped like `like` (or `shape`), on its device, from `generator`
-    (torch's global one when None). Drawn on the generator's device, then moved: the same
-    draws for a model on any device."""
+    """float32 U[0, 1) draws shaped like `like` (or `shape`), on its device: Philox4x32-10
+    keyed by two 32-bit words drawn from `generator` (torch's global one when None). The
+    generator's state decides the draws, on any device and with or without the kernels."""
+    shape = like.shape if shape is None else tuple(shape)
     device = like.device if generator is None else generator.device
-    shape = like.shape if shape is None else shape
-    return torch.rand(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
+    key = torch.randint(0, 2**32, (2,), generator=generator, device=device, dtype=torch.int64).tolist()
+    return philox_uniform((key[0], key[1]), math.prod(shape), like.device).reshape(shape)
 
 
 def round_half_even(y: Tensor) -> Tensor:

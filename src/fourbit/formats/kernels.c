@@ -517,6 +517,39 @@ void fb_block_decode_axis(const uint8_t *codes, const uint8_t *scale_codes, int6
     }
 }
 
+/* ---- Philox4x32-10 (Salmon et al., SC 2011): the uniform draws of stochastic rounding ------
+ * Draw i is word i % 4 of philox(counter (i / 4, 0, 0, 0), key (k0, k1)) as a float in [0, 1):
+ * its top 24 bits times 2**-24. formats/base.py has the same in torch (the oracle). */
+#define PHILOX_LANES 64 /* blocks computed side by side: the rounds vectorize across them */
+
+static void philox_blocks(uint32_t first, uint32_t k0, uint32_t k1, uint32_t w[4][PHILOX_LANES]) {
+    for (int i = 0; i < PHILOX_LANES; i++) w[0][i] = first + (uint32_t)i, w[1][i] = w[2][i] = w[3][i] = 0;
+    for (int r = 0; r < 10; r++) {
+        for (int i = 0; i < PHILOX_LANES; i++) {
+            uint64_t p0 = (uint64_t)0xD2511F53u * w[0][i], p1 = (uint64_t)0xCD9E8D57u * w[2][i];
+            uint32_t c1 = w[1][i], c3 = w[3][i];
+            w[0][i] = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+            w[1][i] = (uint32_t)p1;
+            w[2][i] = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+            w[3][i] = (uint32_t)p0;
+        }
+        k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+    }
+}
+
+void fb_philox_uniform(uint32_t k0, uint32_t k1, int64_t n, float *out, int nthreads) {
+    int64_t blocks = (n + 3) / 4, groups = (blocks + PHILOX_LANES - 1) / PHILOX_LANES;
+#pragma omp parallel for num_threads(nthreads) if (n > PARALLEL_MIN) schedule(static)
+    for (int64_t g = 0; g < groups; g++) {
+        uint32_t w[4][PHILOX_LANES];
+        int64_t first = g * PHILOX_LANES;
+        philox_blocks((uint32_t)first, k0, k1, w);
+        float *o = out + 4 * first;
+        int count = 4 * (first + PHILOX_LANES) <= n ? 4 * PHILOX_LANES : (int)(n - 4 * first);
+        for (int i = 0; i < count; i++) o[i] = (float)(w[i & 3][i >> 2] >> 8) * 0x1p-24f;
+    }
+}
+
 /* max |x|, on the bit patterns: NaN's are above inf's, so a NaN anywhere gives NaN (like
  * torch.amax). finite_only skips NaN and inf (0 when nothing is left): NVFP4's tensor amax. */
 static uint32_t abs_max_range(const uint32_t *restrict x, int64_t m, uint32_t limit) {

@@ -60,6 +60,7 @@ _SIGNATURES = {
         [_f32p, _i64, _i64, _i64, _int, _f32, _int, _f32p, _f32p, _u8p, _u8p, _int],
     ),
     "fb_block_decode_axis": (None, [_u8p, _u8p, _i64, _i64, _i64, _int, _f32, _int, _f32p, _int]),
+    "fb_philox_uniform": (None, [ctypes.c_uint32, ctypes.c_uint32, _i64, _f32p, _int]),
     "fb_abs_max": (_f32, [_f32p, _i64, _int, _int]),
     "fb_clip_with_mask": (None, [_f32p, _i64, _f32, _f32, _int, _f32p, _u8p, _int]),
     "fb_masked": (None, [_f32p, _i64, _u8p, _f32p, _int]),
@@ -332,6 +333,13 @@ def block_decode_axis(
         _ptr(codes, _u8p), _ptr(scale_codes, _u8p), outer, n, inner, block, tensor_scale, int(e4m3),
         _ptr(out, _f32p), _threads(),
     )  # fmt: skip
+    return out
+
+
+def philox_uniform(key: tuple[int, int], n: int) -> Tensor:
+    """n float32 draws in [0, 1) from Philox4x32-10 under `key` (see base.philox_uniform)."""
+    out = torch.empty(n, dtype=torch.float32)
+    library().fb_philox_uniform(key[0], key[1], n, _ptr(out, _f32p), _threads())
     return out
 
 
