@@ -472,6 +472,16 @@ def test_stochastic_rounding_of_many_values(name):
         np.testing.assert_array_equal(again.double().numpy(), q)
 
 
+@pytest.mark.parametrize("name", [n for n in formats.names() if isinstance(formats.get(n), FloatFormat)])
+def test_storage_dtype_holds_every_grid_value_exactly(name):
+    """What a saved HFP8 / fp16 / fp8 operand is kept in: every value of the grid survives."""
+    fmt = formats.get(name)
+    values = torch.cat([fmt.values(phase=p) for p in fmt.phases])
+    assert fmt.storage_dtype is not None
+    assert torch.equal(values.to(fmt.storage_dtype).float(), values)
+    assert fmt.storage_dtype.itemsize <= 2
+
+
 # Random123's known-answer vectors for Philox4x32-10 (tests/kat_vectors): counter, key, result
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),

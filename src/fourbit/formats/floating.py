@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,23 @@ class FloatFormat(Format):
             return None
         key = (self.exponent_bits, self.mantissa_bits, self.bias, self.specials)
         return _TORCH_DTYPES.get(key)
+
+    @property
+    def storage_dtype(self) -> torch.dtype | None:
+        """The narrowest torch dtype holding every value of this grid exactly: `torch_dtype`,
+        else float16 or bfloat16 when the grid's precision and range fit in it."""
+        if self.torch_dtype is not None:
+            return self.torch_dtype
+        for dtype in (torch.float16, torch.bfloat16):
+            info = torch.finfo(dtype)
+            mantissa, smallest = round(-math.log2(info.eps)), info.tiny * info.eps
+            if (
+                self.mantissa_bits <= mantissa
+                and self._max <= info.max
+                and 2.0 ** (self.emin - self.mantissa_bits) >= smallest
+            ):
+                return dtype
+        return None
 
     def cast(self, y: Tensor) -> Tensor:
         """y (float32, unit scale) rounded onto this grid, as a `torch_dtype` tensor; saturating."""

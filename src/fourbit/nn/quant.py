@@ -158,6 +158,10 @@ def quantize_operand(
     if keep and _castable(fmt, rounding) and kernels.available():  # fp16, bf16, fp8: a torch cast
         codes = fmt.cast(x / scale)
         return codes.float() * scale, Packed(fmt, x.shape, codes, None, scale)
+    storage = fmt.storage_dtype if isinstance(fmt, FloatFormat) else None
+    if keep and storage is not None and kernels.applies(x):  # HFP8: kept in fp16 / bf16
+        codes = fmt.quantize(x / scale, 1.0, phase, rounding, generator).to(storage)
+        return codes.float() * scale, Packed(fmt, x.shape, codes, None, scale)
     if not keep or bool(torch.isnan(x).any()):
         values = fmt.quantize(x, scale, phase, rounding, generator)
         return values, (Packed(fmt, x.shape, values=values) if keep else None)
