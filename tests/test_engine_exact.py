@@ -251,7 +251,7 @@ def test_nan_activation_reaches_the_output():
 def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
-        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "all4", "luq4", "mxfp4", "nvfp4",
+        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "ibm4-sawb", "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
     assert ibm4.default.tpr and ibm4.default.gradscale == "adaptive"
@@ -266,6 +266,9 @@ def test_recipe_presets_are_the_spec_table():
     assert fp16acc.spec_for("depthwise") == fp16acc.default
     lstm_sawb = recipes.get("ibm4-lstm-sawb")
     assert lstm_sawb.default == ibm4.default and lstm_sawb.spec_for("lstm").activation.scaler == "sawb"
+    sawb = recipes.get("ibm4-sawb")
+    assert sawb.default == dataclasses.replace(ibm4.default, activation=OperandSpec("int4", "sawb"))
+    assert sawb.spec_for("first") == ibm4.spec_for("first") and sawb.spec_for("matmul") == sawb.default
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"
     luq = recipes.get("luq4").default.grad_dx
     assert (luq.format, luq.rounding, luq.underflow) == ("fp4_radix2", "stochastic", "stochastic")

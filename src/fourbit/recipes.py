@@ -238,6 +238,12 @@ _PRESETS = [
         "step instead of a PACT clip",
         roles={"lstm": dataclasses.replace(IBM4_LAYER, activation=OperandSpec("int4", "sawb"))},
     ),
+    _ibm4_variant(
+        "ibm4-sawb",
+        "ibm4 with every activation on a SAWB scale fitted every step (as the weights) instead "
+        "of a PACT clip",
+        activation=OperandSpec("int4", "sawb"),
+    ),
     Recipe(
         "all4",
         IBM4_LAYER,
