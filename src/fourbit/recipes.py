@@ -244,6 +244,21 @@ _PRESETS = [
         "of a PACT clip",
         activation=OperandSpec("int4", "sawb"),
     ),
+    _ibm4_variant(
+        "ibm4-fp16grad",
+        "diagnostic: ibm4's 4-bit forward with fp16 gradients (which half of ibm4 costs accuracy)",
+        grad_dx=OperandSpec("fp16"),
+        grad_dw=OperandSpec("fp16"),
+        tpr=False,
+        gradscale="current",
+        gradscale_max=256.0,
+    ),
+    _ibm4_variant(
+        "ibm4-fp16fwd",
+        "diagnostic: fp16 weights and activations with ibm4's 4-bit gradients (the other half)",
+        weight=OperandSpec("fp16"),
+        activation=OperandSpec("fp16"),
+    ),
     Recipe(
         "all4",
         IBM4_LAYER,
