@@ -343,37 +343,56 @@ static inline __attribute__((always_inline)) float block_element(float v, float 
     return s > 0.0f ? float_round(v / s, 1, 0, 6.0f, 6.0f, stochastic, u) : 0.0f;
 }
 
+/* A block's first pass over one row of w elements: v = block_input(y) into o, and per
+ * column the running maxima of the bit patterns of |y| and |v|. */
+static inline __attribute__((always_inline)) void block_scan_row(const float *y, float *o, int64_t w, float d,
+                                                                 uint32_t *ymax, uint32_t *vmax) {
+    for (int64_t c = 0; c < w; c++) {
+        uint32_t a = bits_of(y[c]) & 0x7FFFFFFFu;
+        float v = block_input(y[c], d);
+        o[c] = v;
+        uint32_t b = bits_of(v) & 0x7FFFFFFFu;
+        ymax[c] = ymax[c] > a ? ymax[c] : a;
+        vmax[c] = vmax[c] > b ? vmax[c] : b;
+    }
+}
+
+/* The second pass over one row: each v in o rounded in its block's scale s[c] (draws u, or
+ * NULL for nearest), its code into k (unless NULL), its value (e·s)·d into o. Separate
+ * loops, so that the rounding vectorizes apart from the codes' table look-ups. A NaN scale
+ * gives elements 0, codes 0 and values NaN. */
+static inline __attribute__((always_inline)) void block_round_row(float *o, uint8_t *k, int64_t w, const float *s,
+                                                                  const float *u, float d) {
+    float e[w];
+    if (u)
+        for (int64_t c = 0; c < w; c++) e[c] = block_element(o[c], s[c], 1, u[c]);
+    else
+        for (int64_t c = 0; c < w; c++) e[c] = block_element(o[c], s[c], 0, 0.0f);
+    if (k)
+        for (int64_t c = 0; c < w; c++) k[c] = e2m1_code(e[c]);
+    for (int64_t c = 0; c < w; c++) o[c] = (e[c] * s[c]) * d;
+}
+
 /* One tile: rows r0..r1-1, `width` columns from c0; returns its scale code. Inlined with
  * width 16 or 32 as a constant, so the compiler unrolls and vectorizes the short loops. */
 static inline __attribute__((always_inline)) uint8_t block_tile(const float *x, float *out, uint8_t *codes,
                                                                 int64_t r0, int64_t r1, int64_t c0,
                                                                 int64_t width, int64_t cols, float d,
                                                                 int e4m3, const float *u, int C) {
-    uint32_t ymax = 0, vmax = 0;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *y = x + r * cols + c0;
-        float *o = out + r * cols + c0;
-        for (int64_t c = 0; c < width; c++) {
-            uint32_t a = bits_of(y[c]) & 0x7FFFFFFFu;
-            float v = block_input(y[c], d);
-            o[c] = v;
-            uint32_t w = bits_of(v) & 0x7FFFFFFFu;
-            ymax = ymax > a ? ymax : a;
-            vmax = vmax > w ? vmax : w;
-        }
+    uint32_t ymax[width], vmax[width], ytile = 0, vtile = 0;
+    for (int64_t c = 0; c < width; c++) ymax[c] = vmax[c] = 0;
+    for (int64_t r = r0; r < r1; r++) block_scan_row(x + r * cols + c0, out + r * cols + c0, width, d, ymax, vmax);
+    for (int64_t c = 0; c < width; c++) {
+        ytile = ytile > ymax[c] ? ytile : ymax[c];
+        vtile = vtile > vmax[c] ? vtile : vmax[c];
     }
     uint8_t scale_code;
-    float s = block_scale(ymax, vmax, e4m3, &scale_code);
-    for (int64_t r = r0; r < r1; r++) { /* (a NaN scale gives elements 0, codes 0, values NaN) */
-        float *o = out + r * cols + c0, e[width];
-        if (u)
-            for (int64_t c = 0; c < width; c++) e[c] = block_element(o[c], s, 1, u[(r - r0) * C + c]);
-        else
-            for (int64_t c = 0; c < width; c++) e[c] = block_element(o[c], s, 0, 0.0f);
-        if (codes)
-            for (int64_t c = 0; c < width; c++) codes[r * cols + c0 + c] = e2m1_code(e[c]);
-        for (int64_t c = 0; c < width; c++) o[c] = (e[c] * s) * d;
-    }
+    float s[width];
+    s[0] = block_scale(ytile, vtile, e4m3, &scale_code);
+    for (int64_t c = 1; c < width; c++) s[c] = s[0];
+    for (int64_t r = r0; r < r1; r++)
+        block_round_row(out + r * cols + c0, codes ? codes + r * cols + c0 : NULL, width, s,
+                        u ? u + (r - r0) * C : NULL, d);
     return scale_code;
 }
 
@@ -456,36 +475,20 @@ void fb_block_quantize_axis(const float *x, int64_t outer, int64_t n, int64_t in
         for (int64_t i0 = 0; i0 < inner; i0 += COLS) {
             int64_t w = i0 + COLS < inner ? COLS : inner - i0;
             uint32_t ymax[COLS] = {0}, vmax[COLS] = {0};
-            float s[COLS];
-            for (int64_t r = r0; r < r1; r++) {
-                const float *y = xm + r * inner + i0;
-                float *ov = om + r * inner + i0;
-                for (int64_t c = 0; c < w; c++) {
-                    uint32_t a = bits_of(y[c]) & 0x7FFFFFFFu;
-                    float v = block_input(y[c], d);
-                    ov[c] = v;
-                    uint32_t vb = bits_of(v) & 0x7FFFFFFFu;
-                    ymax[c] = ymax[c] > a ? ymax[c] : a;
-                    vmax[c] = vmax[c] > vb ? vmax[c] : vb;
-                }
-            }
+            float s[COLS], ur[COLS];
+            for (int64_t r = r0; r < r1; r++)
+                block_scan_row(xm + r * inner + i0, om + r * inner + i0, w, d, ymax, vmax);
             for (int64_t c = 0; c < w; c++) {
                 uint8_t sc;
                 s[c] = block_scale(ymax[c], vmax[c], e4m3, &sc);
                 if (scale_codes) scale_codes[(o * inner + i0 + c) * nb + b] = sc;
             }
-            for (int64_t r = r0; r < r1; r++) { /* (as block_tile: separate loops vectorize) */
-                float *ov = om + r * inner + i0, e[COLS];
-                if (u) {
+            for (int64_t r = r0; r < r1; r++) {
+                if (u) { /* this row's draws, one per block: gathered, so the rounding vectorizes */
                     const float *ub = u + ((o * inner + i0) * nb + b) * B + (r - r0);
-                    for (int64_t c = 0; c < w; c++) e[c] = ub[c * nb * B];
-                    for (int64_t c = 0; c < w; c++) e[c] = block_element(ov[c], s[c], 1, e[c]);
-                } else {
-                    for (int64_t c = 0; c < w; c++) e[c] = block_element(ov[c], s[c], 0, 0.0f);
+                    for (int64_t c = 0; c < w; c++) ur[c] = ub[c * nb * B];
                 }
-                if (km)
-                    for (int64_t c = 0; c < w; c++) km[r * inner + i0 + c] = e2m1_code(e[c]);
-                for (int64_t c = 0; c < w; c++) ov[c] = (e[c] * s[c]) * d;
+                block_round_row(om + r * inner + i0, km ? km + r * inner + i0 : NULL, w, s, u ? ur : NULL, d);
             }
         }
     }
