@@ -313,6 +313,11 @@ static inline float e4m3_value(uint8_t c) {
     return fld ? (float)(8 + mant) * pow2f(fld - 10) : (float)mant * pow2f(-9);
 }
 
+/* the block scale a scale code stands for (e4m3, or e8m0 with 255 for NaN) */
+static inline float scale_value(uint8_t code, int e4m3) {
+    return e4m3 ? e4m3_value(code) : (code == 255 ? NAN : pow2f(code - 127));
+}
+
 /* A block's scale s from the maxima (bit patterns) of |y| and |v| = |clamp(y / d)| over it,
  * and its code; NaN when the block holds a NaN or inf. */
 static inline float block_scale(uint32_t ymax, uint32_t vmax, int e4m3, uint8_t *scale_code) {
@@ -445,7 +450,7 @@ void fb_block_decode(const uint8_t *codes, const uint8_t *scale_codes, int64_t c
         for (int64_t tc = 0, t = band * tcols; tc < tcols; tc++, t++) {
             int64_t c0 = tc * C, c1 = c0 + C < cols ? c0 + C : cols;
             uint8_t sc = scale_codes[t];
-            float s = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
+            float s = scale_value(sc, e4m3);
             for (int64_t r = r0; r < r1; r++)
                 for (int64_t c = c0; c < c1; c++) out[r * cols + c] = (E2M1_VALUES[codes[r * cols + c] & 15] * s) * d;
         }
@@ -509,7 +514,7 @@ void fb_block_decode_axis(const uint8_t *codes, const uint8_t *scale_codes, int6
             float s[COLS];
             for (int64_t c = 0; c < w; c++) {
                 uint8_t sc = scale_codes[(o * inner + i0 + c) * nb + b];
-                s[c] = e4m3 ? e4m3_value(sc) : (sc == 255 ? NAN : pow2f(sc - 127));
+                s[c] = scale_value(sc, e4m3);
             }
             for (int64_t r = r0; r < r1; r++) {
                 const uint8_t *k = codes + (o * n + r) * inner + i0;
