@@ -254,7 +254,8 @@ FP16 = OperandSpec("fp16")
 def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
-        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-fp16grad", "ibm4-fp16fwd",
+        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr", "ibm4-fp16grad",
+        "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -273,6 +274,12 @@ def test_recipe_presets_are_the_spec_table():
     sawb = recipes.get("ibm4-sawb")
     assert sawb.default == dataclasses.replace(ibm4.default, activation=OperandSpec("int4", "sawb"))
     assert sawb.spec_for("first") == ibm4.spec_for("first") and sawb.spec_for("matmul") == sawb.default
+    gradsr = recipes.get("ibm4-gradsr").default
+    assert gradsr.grad_dx.rounding == gradsr.grad_dw.rounding == "stochastic" and gradsr.tpr
+    assert (
+        dataclasses.replace(gradsr, grad_dx=ibm4.default.grad_dx, grad_dw=ibm4.default.grad_dw)
+        == ibm4.default
+    )
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default
     assert (fwd.weight, fwd.activation, fwd.grad_dx, fwd.tpr) == (FP16, FP16, ibm4.default.grad_dx, True)
     assert (grad.weight, grad.activation, grad.grad_dw) == (

@@ -245,6 +245,13 @@ _PRESETS = [
         activation=OperandSpec("int4", "sawb"),
     ),
     _ibm4_variant(
+        "ibm4-gradsr",
+        "ibm4 with the radix-4 gradients rounded stochastically (unbiased between grid "
+        "neighbours) instead of to the nearest",
+        grad_dx=OperandSpec("fp4_radix4", rounding="stochastic"),
+        grad_dw=OperandSpec("fp4_radix4", rounding="stochastic"),
+    ),
+    _ibm4_variant(
         "ibm4-fp16grad",
         "diagnostic: ibm4's 4-bit forward with fp16 gradients (which half of ibm4 costs accuracy)",
         grad_dx=OperandSpec("fp16"),
