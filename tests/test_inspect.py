@@ -190,7 +190,7 @@ def test_cli_inspect_writes_json_and_plots_and_follows_train(tmp_path, capsys):
             "--batch-size", "48", "--data-dir", str(data), "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "stages.0.conv1" in printed and "SQNR dB" in printed
+    assert "stages.0.conv1" in printed and "SQNR dB" in printed and "gradients against fp32" in printed
     result = json.loads((out / "inspect.json").read_text())
     assert result["format"] == "fourbit-inspect" and result["version"] == 1
     assert result["task"] == "fashion-resnet20" and list(result["recipes"]) == ["ibm4", "mxfp4"]
@@ -206,6 +206,11 @@ def test_cli_inspect_writes_json_and_plots_and_follows_train(tmp_path, capsys):
                 assert len(o["sqnr_db_per_step"]) == 2
                 assert ("gradscale" in o) == point.startswith("G_")
             assert ("grad_hist" in layer) == ("G_dx" in layer["operands"])
+        # the last layer (fp16) gets the gradient no 4-bit GEMM touched yet; the 4-bit layers
+        # below get one bent by every quantized layer above and by the 4-bit forward
+        grads = {row["name"]: row for row in r["gradients"]}
+        assert len(grads) == 65 and all(-1 <= row["cosine"] <= 1 for row in grads.values())
+        assert grads["fc.weight"]["cosine"] > 0.95 and grads["stages.0.conv1.weight"]["cosine"] < 0.9
         conv = r["layers"][1]["operands"]
         assert conv["W"]["format"] == ("int4 (sawb)" if recipe == "ibm4" else "mxfp4")
     for name in ("sqnr.png", "grad_hist.png"):
@@ -261,3 +266,49 @@ def test_cli_bn_drift_is_zero_under_fp32_and_not_under_ibm4(tmp_path, capsys):
     assert (out / "bn_drift.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "ibm4" / "metrics.jsonl").exists()
     assert main([*argv, "--resume"]) == 2
+
+
+def _fidelity(recipe, dropout):
+    """GradientFidelity over one step of a tiny Transformer under `recipe`, as inspect runs it."""
+    task = TranslateTransformer(vocab_size=60, dim=16, layers=(1, 1), heads=2, hidden=32, dropout=dropout)
+    batch = task.synthetic_batch(4, 6, torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = fourbit.convert(task.build_model(), recipe, example_input=task.model_inputs(batch), verbose=False)
+    fidelity = telemetry.GradientFidelity(model, task.build_model())
+    model.train()
+    fidelity.reference(task, batch)
+    task.loss(model, batch)[0].backward()
+    fidelity.compare()
+    return {row["name"]: row for row in fidelity.summary()}
+
+
+def test_gradient_fidelity_is_exact_under_fp32_with_dropout_on():
+    """The fp32 shadow draws the model's dropout masks: under fp32 every gradient is the same
+    (null SQNR: no error at all); with the masks not shared they would differ."""
+    rows = _fidelity("fp32", dropout=0.3)
+    assert len(rows) > 10 and "encoder.0.ffn.0.weight" in rows
+    assert all(r["sqnr_db"] is None and r["cosine"] == pytest.approx(1.0) for r in rows.values())
+
+
+def test_gradient_fidelity_measures_ibm4s_error():
+    rows = _fidelity("ibm4", dropout=0.0)
+    inner = [r for n, r in rows.items() if n.startswith(("encoder", "decoder")) and n.endswith("weight")]
+    assert inner and all(0 < r["sqnr_db"] < 40 and 0 < r["cosine"] < 1 for r in inner)
+
+
+def test_gradient_fidelity_numbers_by_hand():
+    """g_ref = (3, 4); the recipe's g = (3, 0): SQNR 10·log10(25 / 16), cosine 9 / (5·3)."""
+    ref_model, model = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+
+    class Task:
+        def loss(self, m, batch):
+            return (m.weight * torch.tensor([[3.0, 4.0]])).sum(), 1
+
+    fidelity = telemetry.GradientFidelity(model, ref_model)
+    fidelity.reference(Task(), None)
+    model.weight.grad = torch.tensor([[3.0, 0.0]])
+    fidelity.compare()
+    (row,) = fidelity.summary()
+    assert row["name"] == "weight"
+    assert row["sqnr_db"] == pytest.approx(10 * math.log10(25 / 16))
+    assert row["cosine"] == pytest.approx(9 / 15)

@@ -24,6 +24,10 @@ log2 |s·dY| of the dX-GEMM gradient (the quantizer's input) in bins of HIST_WID
 HIST_LOW to HIST_HIGH (the last bin closed), with the zeros, those below and above apart.
 
 Only layers with a quantized spec are seen: an fp32 layer calls the plain torch op.
+
+`gradients` (GradientFidelity) is the end-to-end view: per parameter tensor, the SQNR and
+cosine of the gradient the optimizer receives against the one an fp32 copy of the model
+computes on the same batch at the same weights.
 """
 
 from __future__ import annotations
@@ -275,14 +279,19 @@ def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False
     order = torch.randperm(len(run.train_set), generator=_epoch_generator(cfg.seed, 0, 0)).tolist()
     aug = _epoch_generator(cfg.seed, 0, 1)
     loader = DataLoader(run.train_set, run.cfg.batch_size, sampler=order, collate_fn=run.task.collate)
+    with torch.random.fork_rng(devices=[]):  # building the copy draws init weights: not the run's RNG
+        fidelity = GradientFidelity(run.model, run.task.build_model())
     run.model.train()
     losses, skipped = [], 0
     with Recorder(run.model) as rec:
         for rec.step, batch in zip(range(steps), loader, strict=False):
             batch = run.task.augment(batch, aug)
+            fidelity.reference(run.task, batch)
             loss, _, why = train_step(run.model, run.opt, run.sched, run.task, batch, run.guard)
             losses.append(_finite_or_none(loss))
             skipped += why is not None
+            if why is None:
+                fidelity.compare()
             if progress:
                 print(f"  {cfg.recipe} step {rec.step + 1}/{steps}: loss {loss:.4f}", flush=True)
     return {
@@ -293,6 +302,7 @@ def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False
         "skipped_steps": skipped,
         "wall_time_s": time.perf_counter() - t0,
         "layers": rec.layers(),
+        "gradients": fidelity.summary(),
     }
 
 
@@ -326,6 +336,19 @@ def inspect(
     }
 
 
+def _fidelity_line(rows: list[dict]) -> str:
+    """The end-to-end gradient error in one line: median and worst over the parameters."""
+    finite = sorted((r for r in rows if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
+    if not finite:
+        return f"gradients against fp32: exact for all {len(rows)} parameter tensors"
+    median = finite[len(finite) // 2]["sqnr_db"]
+    worst = finite[0]
+    return (
+        f"gradients against fp32 ({len(rows)} parameter tensors): SQNR median {median:.1f} dB, "
+        f"lowest {worst['sqnr_db']:.1f} dB ({worst['name']}, cosine {worst['cosine']:.3f})"
+    )
+
+
 def format_report(result: dict) -> str:
     """A table per recipe: one row per layer and operand."""
     lines = []
@@ -334,6 +357,7 @@ def format_report(result: dict) -> str:
             f"\n{result['task']} / {recipe}: {r['steps']} steps of batch {r['batch_size']}, "
             f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['wall_time_s']:.1f} s"
         )
+        lines.append(_fidelity_line(r.get("gradients", [])))
         header = f"{'layer':<28}{'op':<6}{'format':<30}{'SQNR dB':>8}{'clip %':>8}{'flush %':>8}"
         header += f"{'bias %':>8}{'log2 s':>8}"
         lines += [header, "-" * len(header)]
@@ -347,6 +371,72 @@ def format_report(result: dict) -> str:
                     f"{100 * o['clipped']:>8.2f}{100 * o['flushed']:>8.2f}{bias:>8}{gs:>8}"
                 )
     return "\n".join(lines)
+
+
+# -- fp32 shadows: a float32 copy of the model run on the same weights and batches -----------
+
+
+def _shadow_pairs(model: nn.Module, fp32_model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(shadow parameter, model parameter) by name, after loading the model's state into
+    `fp32_model` (an unconverted build of the same task model: same names, no PACT α)."""
+    theirs = model.state_dict()
+    fp32_model.load_state_dict({k: v for k, v in theirs.items() if k in fp32_model.state_dict()})
+    params = dict(model.named_parameters())
+    return [(p, params[n]) for n, p in fp32_model.named_parameters()]
+
+
+def _copy_weights(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
+    with torch.no_grad():
+        for mine, theirs in pairs:
+            mine.copy_(theirs)
+
+
+class GradientFidelity:
+    """The end-to-end error of the recipe's weight gradients: before each recorded step,
+    `reference` runs an fp32 copy of `model` forward and backward on the same batch at the
+    same weights (dropout draws the same masks: it runs on a fork of the global RNG the
+    model's step then draws from); after the step, `compare` pools, per parameter tensor,
+    Σg_ref², Σ(g − g_ref)² and Σg·g_ref, where g is the gradient the optimizer used. Unlike
+    the per-operand SQNR this includes what every layer above adds on the way down (dX
+    errors) and the forward's effect on the gradient."""
+
+    def __init__(self, model: nn.Module, fp32_model: nn.Module):
+        self.shadow = fp32_model
+        self.pairs = _shadow_pairs(model, fp32_model)
+        # per parameter: Σg_ref², Σ(g − g_ref)², Σg·g_ref, Σg²
+        self.sums = {n: [0.0, 0.0, 0.0, 0.0] for n, _ in fp32_model.named_parameters()}
+        self.reference_grads: list[Tensor | None] = []
+
+    def reference(self, task, batch) -> None:
+        _copy_weights(self.pairs)
+        self.shadow.train()
+        self.shadow.zero_grad(set_to_none=True)
+        with torch.random.fork_rng(devices=[]):
+            loss, _ = task.loss(self.shadow, batch)
+            loss.backward()
+        self.reference_grads = [p.grad for p, _ in self.pairs]
+
+    def compare(self) -> None:
+        names = [n for n, _ in self.shadow.named_parameters()]
+        for name, ref, (_, theirs) in zip(names, self.reference_grads, self.pairs, strict=True):
+            if ref is None or theirs.grad is None:
+                continue
+            r, g = ref.double(), theirs.grad.double()
+            s = self.sums[name]
+            s[0] += float(r.square().sum())
+            s[1] += float((g - r).square().sum())
+            s[2] += float((g * r).sum())
+            s[3] += float(g.square().sum())
+
+    def summary(self) -> list[dict]:
+        """Per parameter tensor: sqnr_db of its gradient against fp32's, and their cosine."""
+        rows = []
+        for name, (ref2, err2, dot, g2) in self.sums.items():
+            if ref2 == 0 and g2 == 0:
+                continue  # no gradient reached it (e.g. an unused parameter)
+            cosine = dot / math.sqrt(ref2 * g2) if ref2 > 0 and g2 > 0 else None
+            rows.append({"name": name, "sqnr_db": sqnr_db(ref2, err2), "cosine": _finite_or_none(cosine)})
+        return rows
 
 
 # -- BatchNorm drift against an fp32 shadow ----------------------------------------------------
@@ -378,10 +468,7 @@ class ShadowBN:
 
     def __init__(self, model: nn.Module, fp32_model: nn.Module, every: int):
         self.model, self.shadow, self.every = model, fp32_model, every
-        theirs = model.state_dict()
-        fp32_model.load_state_dict({k: v for k, v in theirs.items() if k in fp32_model.state_dict()})
-        params = dict(model.named_parameters())
-        self.pairs = [(p, params[n]) for n, p in fp32_model.named_parameters()]
+        self.pairs = _shadow_pairs(model, fp32_model)
         self.bns = _batchnorms(model)
         self.shadow_bns = _batchnorms(fp32_model)
         if not self.bns:
@@ -406,8 +493,7 @@ class ShadowBN:
         if self.batches % self.every == 0:
             self.measure()
         with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the run's RNG untouched
-            for mine, theirs in self.pairs:
-                mine.copy_(theirs)
+            _copy_weights(self.pairs)
             self.shadow.train()
             self.shadow(*args)
         self.batches += 1
