@@ -6,6 +6,7 @@
 #                                          full NAME skips what has finished)
 #   scripts/results.sh NAME@1               NAME with --seed 1, in out/runs/NAME-seed1
 #   scripts/results.sh collect             copy what has finished into results/NAME/RECIPE
+#                                          (scripts/results_tables.py then draws and tabulates it)
 # The machine-independent part of a result is its command line, printed before each run and
 # written beside its numbers in docs/RESULTS.md. OMP_NUM_THREADS picks the threads per run.
 set -euo pipefail
@@ -34,11 +35,6 @@ collect() {  # finished runs only (summary.json is written last), without checkp
     cp "$run/summary.json" "$run/metrics.jsonl" "results/$name/$recipe/"
     [ -e "$run/curves.png" ] && cp "$run/curves.png" "results/$name/$recipe/"
     echo "results/$name/$recipe"
-  done
-  for table in "$RUNS"/*/compare.md; do
-    [ -e "$table" ] || continue
-    name=$(basename "$(dirname "$table")")
-    mkdir -p "results/$name" && cp "$table" "$(dirname "$table")/compare.png" "results/$name/"
   done
 }
 

@@ -1,5 +1,6 @@
 """Markdown tables of the finished runs under results/ (what `scripts/results.sh collect` copied),
-for docs/RESULTS.md: one table per experiment, recipes in the presets' order.
+for docs/RESULTS.md: one table per experiment, recipes in the presets' order; and each
+experiment's curves of every finished run, results/NAME/curves.png.
 
     python scripts/results_tables.py [results/r20-headline ...]    (default: every experiment)
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from fourbit import recipes
 from fourbit.cli import compare_table
+from fourbit.plots import plot_curves
 
 
 def _order(recipe: str) -> int:
@@ -19,11 +21,29 @@ def _order(recipe: str) -> int:
     return names.index(recipe) if recipe in names else len(names)
 
 
-def table(experiment: Path) -> str:
+def _summaries(experiment: Path) -> list[dict]:
     summaries = [json.loads(p.read_text()) for p in experiment.glob("*/summary.json")]
+    return sorted(summaries, key=lambda s: _order(s["recipe"]))
+
+
+def curves(experiment: Path) -> Path | None:
+    """results/NAME/curves.png: every finished run's test metric and loss by epoch."""
+    summaries = _summaries(experiment)
+    if not summaries:
+        return None
+    histories = {
+        s["recipe"]: [
+            json.loads(line) for line in (experiment / s["recipe"] / "metrics.jsonl").read_text().splitlines()
+        ]
+        for s in summaries
+    }
+    return plot_curves(histories, summaries[0]["metric_name"], experiment / "curves.png")
+
+
+def table(experiment: Path) -> str:
+    summaries = _summaries(experiment)
     if not summaries:
         return f"(no finished run in {experiment})\n"
-    summaries.sort(key=lambda s: _order(s["recipe"]))
     first = summaries[0]
     lines = [
         f"**{experiment.name}** — task {first['task']}, seed {first['seed']}, {first['epochs']} epochs, "
@@ -45,6 +65,8 @@ def table(experiment: Path) -> str:
 def main(argv: list[str]) -> int:
     experiments = [Path(a) for a in argv] or sorted(p for p in Path("results").iterdir() if p.is_dir())
     print("\n".join(table(e) for e in experiments))
+    for e in experiments:
+        curves(e)
     return 0
 
 
