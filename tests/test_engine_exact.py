@@ -255,7 +255,7 @@ def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr", "ibm4-fp16grad",
-        "ibm4-fp16fwd",
+        "ibm4-matmul-fp16grad", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -287,6 +287,9 @@ def test_recipe_presets_are_the_spec_table():
         ibm4.default.activation,
         FP16,
     )
+    matmul = recipes.get("ibm4-matmul-fp16grad")
+    assert matmul.default == ibm4.default and matmul.spec_for("first") == ibm4.spec_for("first")
+    assert matmul.spec_for("matmul") == grad
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"
     luq = recipes.get("luq4").default.grad_dx
     assert (luq.format, luq.rounding, luq.underflow) == ("fp4_radix2", "stochastic", "stochastic")

@@ -197,6 +197,9 @@ def _gradients(fmt: str) -> dict:
     return {"grad_dx": OperandSpec(fmt), "grad_dw": OperandSpec(fmt)}
 
 
+# the diagnostics' fp16 gradients: scaled as the fp16 recipe's, one quantization for both GEMMs
+FP16_GRADIENTS = dict(_gradients("fp16"), tpr=False, gradscale="current", gradscale_max=256.0)
+
 LUQ_GRAD = OperandSpec("fp4_radix2", rounding="stochastic", underflow="stochastic")
 MX = OperandSpec("mxfp4")
 NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
@@ -254,11 +257,13 @@ _PRESETS = [
     _ibm4_variant(
         "ibm4-fp16grad",
         "diagnostic: ibm4's 4-bit forward with fp16 gradients (which half of ibm4 costs accuracy)",
-        grad_dx=OperandSpec("fp16"),
-        grad_dw=OperandSpec("fp16"),
-        tpr=False,
-        gradscale="current",
-        gradscale_max=256.0,
+        **FP16_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-matmul-fp16grad",
+        "diagnostic: ibm4 with fp16 gradients in the attention matmuls only (scores and mix), "
+        "the 4-bit gradients kept in every Linear",
+        roles={"matmul": dataclasses.replace(IBM4_LAYER, **FP16_GRADIENTS)},
     ),
     _ibm4_variant(
         "ibm4-fp16fwd",
