@@ -213,7 +213,7 @@ def test_cli_inspect_writes_json_and_plots_and_follows_train(tmp_path, capsys):
         assert grads["fc.weight"]["cosine"] > 0.95 and grads["stages.0.conv1.weight"]["cosine"] < 0.9
         conv = r["layers"][1]["operands"]
         assert conv["W"]["format"] == ("int4 (sawb)" if recipe == "ibm4" else "mxfp4")
-    for name in ("sqnr.png", "grad_hist.png"):
+    for name in ("sqnr.png", "grad_hist.png", "gradients.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     assert not list(out.glob(".*.tmp"))
 
@@ -309,6 +309,6 @@ def test_gradient_fidelity_numbers_by_hand():
     model.weight.grad = torch.tensor([[3.0, 0.0]])
     fidelity.compare()
     (row,) = fidelity.summary()
-    assert row["name"] == "weight"
+    assert row["name"] == "weight" and row["ndim"] == 2
     assert row["sqnr_db"] == pytest.approx(10 * math.log10(25 / 16))
     assert row["cosine"] == pytest.approx(9 / 15)

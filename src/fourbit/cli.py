@@ -201,7 +201,7 @@ def cmd_inspect(args) -> int:
 
     from fourbit import telemetry
     from fourbit.io import atomic_write
-    from fourbit.plots import plot_gradient_histogram, plot_sqnr_bars
+    from fourbit.plots import plot_gradient_fidelity, plot_gradient_histogram, plot_sqnr_bars
 
     names = _recipe_names(args.recipes or args.recipe)
     out = args.out or Path("runs") / f"inspect-{args.task}"
@@ -213,6 +213,7 @@ def cmd_inspect(args) -> int:
     print(telemetry.format_report(result))
     atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
     written = [out / "inspect.json", plot_sqnr_bars(result, out / "sqnr.png")]
+    written.append(plot_gradient_fidelity(result, out / "gradients.png"))
     # the gradient histogram: of the first recipe that quantizes gradients (fp32 does not)
     for recipe, r in result["recipes"].items():
         with_grads = [layer for layer in r["layers"] if "grad_hist" in layer]

@@ -128,6 +128,35 @@ def plot_gradient_histogram(layer: dict, title: str, path: str | Path) -> Path:
     return save(fig, path)
 
 
+def _grouped_bars(ax, series: dict[str, dict[str, float | None]], names: list[str]) -> None:
+    """Bars of series[label][name] at x = index of name, one bar per label side by side
+    (None: no bar)."""
+    width = 0.8 / max(len(series), 1)
+    for k, (label, values) in enumerate(series.items()):
+        xs, ys = [], []
+        for i, name in enumerate(names):
+            v = values.get(name)
+            if v is not None:
+                xs.append(i + (k - (len(series) - 1) / 2) * width)
+                ys.append(v)
+        ax.bar(xs, ys, width, label=label)
+
+
+def _bar_figure(names: list[str], panels: int, bars: int):
+    size = (min(20, max(8, 0.08 * len(names) * bars + 4)), 2.3 * panels + 1.5)
+    fig, axes = plt.subplots(panels, 1, figsize=size, sharex=True, squeeze=False)
+    return fig, axes[:, 0]
+
+
+def _finish_bars(fig, axes, names: list[str], bars: int, title: str, path: str | Path) -> Path:
+    axes[0].legend(fontsize=8, ncol=min(bars, 6), loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title)
+    axes[-1].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    return save(fig, path)
+
+
 def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
     """Per-layer SQNR (dB) of each operand from fourbit inspect, one bar per recipe."""
     runs = result["recipes"]
@@ -136,25 +165,34 @@ def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
         names += [layer["name"] for layer in r["layers"] if layer["name"] not in names]
     points = [p for p in ("W", "B", "A", "G_dx", "G_dw") if any(
         p in layer["operands"] for r in runs.values() for layer in r["layers"])]  # fmt: skip
-    size = (min(20, max(8, 0.08 * len(names) * len(runs) + 4)), 2.3 * len(points) + 1.5)
-    fig, axes = plt.subplots(len(points), 1, figsize=size, sharex=True, squeeze=False)
-    width = 0.8 / max(len(runs), 1)
-    for ax, point in zip(axes[:, 0], points, strict=True):
-        for k, (recipe, r) in enumerate(runs.items()):
-            by_name = {layer["name"]: layer["operands"].get(point) for layer in r["layers"]}
-            xs, ys = [], []
-            for i, name in enumerate(names):
-                o = by_name.get(name)
-                if o is not None and o["sqnr_db"] is not None:
-                    xs.append(i + (k - (len(runs) - 1) / 2) * width)
-                    ys.append(o["sqnr_db"])
-            ax.bar(xs, ys, width, label=recipe)
+    fig, axes = _bar_figure(names, len(points), len(runs))
+    for ax, point in zip(axes, points, strict=True):
+        series = {
+            recipe: {layer["name"]: layer["operands"].get(point, {}).get("sqnr_db") for layer in r["layers"]}
+            for recipe, r in runs.items()
+        }
+        _grouped_bars(ax, series, names)
         ax.set_ylabel(f"{point} SQNR (dB)")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=8, ncol=min(len(runs), 6), loc="lower center", bbox_to_anchor=(0.5, 1.0))
-    fig.suptitle(f"{result['task']}: SQNR of each GEMM operand, per layer")
-    axes[-1, 0].set_xticks(range(len(names)), names, rotation=90, fontsize=7)
-    return save(fig, path)
+    return _finish_bars(
+        fig, axes, names, len(runs), f"{result['task']}: SQNR of each GEMM operand, per layer", path
+    )
+
+
+def plot_gradient_fidelity(result: dict, path: str | Path) -> Path:
+    """From fourbit inspect: each weight matrix's (or kernel's) gradient against fp32's on
+    the same batch and weights, SQNR (dB) and cosine, one bar per recipe; in model order,
+    so the backward pass runs right to left."""
+    runs = result["recipes"]
+    names: list[str] = []
+    for r in runs.values():
+        names += [g["name"] for g in r["gradients"] if g["ndim"] >= 2 and g["name"] not in names]
+    fig, axes = _bar_figure(names, 2, len(runs))
+    for ax, key, label in zip(axes, ("sqnr_db", "cosine"), ("gradient SQNR (dB)", "cosine"), strict=True):
+        series = {recipe: {g["name"]: g[key] for g in r["gradients"]} for recipe, r in runs.items()}
+        _grouped_bars(ax, series, names)
+        ax.set_ylabel(label)
+    title = f"{result['task']}: weight gradients against fp32 (same batch, same weights)"
+    return _finish_bars(fig, axes, names, len(runs), title, path)
 
 
 def plot_bn_drift(result: dict, path: str | Path) -> Path:

@@ -431,11 +431,19 @@ class GradientFidelity:
     def summary(self) -> list[dict]:
         """Per parameter tensor: sqnr_db of its gradient against fp32's, and their cosine."""
         rows = []
+        ndims = {name: p.ndim for name, p in self.shadow.named_parameters()}
         for name, (ref2, err2, dot, g2) in self.sums.items():
             if ref2 == 0 and g2 == 0:
                 continue  # no gradient reached it (e.g. an unused parameter)
             cosine = dot / math.sqrt(ref2 * g2) if ref2 > 0 and g2 > 0 else None
-            rows.append({"name": name, "sqnr_db": sqnr_db(ref2, err2), "cosine": _finite_or_none(cosine)})
+            rows.append(
+                {
+                    "name": name,
+                    "ndim": ndims[name],
+                    "sqnr_db": sqnr_db(ref2, err2),
+                    "cosine": _finite_or_none(cosine),
+                }
+            )
         return rows
 
 
