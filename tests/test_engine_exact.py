@@ -254,7 +254,7 @@ FP16 = OperandSpec("fp16")
 def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
-        "ibm4-radix8", "ibm4-fp16acc", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr", "ibm4-fp16grad",
+        "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr", "ibm4-fp16grad",
         "ibm4-matmul-fp16grad", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
@@ -269,6 +269,9 @@ def test_recipe_presets_are_the_spec_table():
     fp16acc = recipes.get("ibm4-fp16acc")
     assert fp16acc.default == dataclasses.replace(ibm4.default, accumulate="fp16")
     assert fp16acc.spec_for("depthwise") == fp16acc.default
+    pw = recipes.get("ibm4-pw-hfp8")
+    assert pw.default == ibm4.default and pw.spec_for("pointwise_conv") == recipes.get("hfp8").default
+    assert pw.spec_for("depthwise") == ibm4.default
     lstm_sawb = recipes.get("ibm4-lstm-sawb")
     assert lstm_sawb.default == ibm4.default and lstm_sawb.spec_for("lstm").activation.scaler == "sawb"
     sawb = recipes.get("ibm4-sawb")

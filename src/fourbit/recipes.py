@@ -236,6 +236,11 @@ _PRESETS = [
         accumulate="fp16",
     ),
     _ibm4_variant(
+        "ibm4-pw-hfp8",
+        "ibm4 with the 1x1 convolutions in HFP8 (SPEC's option for ibm4, for MobileNet-style nets)",
+        roles={"pointwise_conv": HFP8_LAYER},
+    ),
+    _ibm4_variant(
         "ibm4-lstm-sawb",
         "ibm4 with the LSTM gate GEMMs' inputs (x and h) on a SAWB scale fitted every "
         "step instead of a PACT clip",
