@@ -254,8 +254,8 @@ FP16 = OperandSpec("fp16")
 def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
-        "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr", "ibm4-fp16grad",
-        "ibm4-matmul-fp16grad", "ibm4-fp16fwd",
+        "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
+        "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -281,6 +281,15 @@ def test_recipe_presets_are_the_spec_table():
     assert gradsr.grad_dx.rounding == gradsr.grad_dw.rounding == "stochastic" and gradsr.tpr
     assert (
         dataclasses.replace(gradsr, grad_dx=ibm4.default.grad_dx, grad_dw=ibm4.default.grad_dw)
+        == ibm4.default
+    )
+    luqgrad = recipes.get("ibm4-luqgrad").default
+    luq4 = recipes.get("luq4").default
+    assert (
+        luqgrad.grad_dx == luqgrad.grad_dw == luq4.grad_dx and luqgrad.tpr and luqgrad.gradscale == "adaptive"
+    )
+    assert (
+        dataclasses.replace(luqgrad, grad_dx=ibm4.default.grad_dx, grad_dw=ibm4.default.grad_dw)
         == ibm4.default
     )
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default

@@ -194,7 +194,11 @@ def _ibm4_variant(name: str, description: str, roles: dict | None = None, **chan
 
 def _gradients(fmt: str) -> dict:
     """Both backward GEMMs' gradients in `fmt` (as a _ibm4_variant change)."""
-    return {"grad_dx": OperandSpec(fmt), "grad_dw": OperandSpec(fmt)}
+    return _gradients_spec(OperandSpec(fmt))
+
+
+def _gradients_spec(spec: OperandSpec) -> dict:
+    return {"grad_dx": spec, "grad_dw": spec}
 
 
 # the diagnostics' fp16 gradients: scaled as the fp16 recipe's, one quantization for both GEMMs
@@ -256,8 +260,13 @@ _PRESETS = [
         "ibm4-gradsr",
         "ibm4 with the radix-4 gradients rounded stochastically (unbiased between grid "
         "neighbours) instead of to the nearest",
-        grad_dx=OperandSpec("fp4_radix4", rounding="stochastic"),
-        grad_dw=OperandSpec("fp4_radix4", rounding="stochastic"),
+        **_gradients_spec(OperandSpec("fp4_radix4", rounding="stochastic")),
+    ),
+    _ibm4_variant(
+        "ibm4-luqgrad",
+        "ibm4 with LUQ's gradient quantizer (radix-2 FP4, stochastic rounding and underflow); "
+        "two-phase rounding and adaptive GradScale kept: what closes the Transformer's gap",
+        **_gradients_spec(LUQ_GRAD),
     ),
     _ibm4_variant(
         "ibm4-fp16grad",
