@@ -337,14 +337,17 @@ def inspect(
 
 
 def _fidelity_line(rows: list[dict]) -> str:
-    """The end-to-end gradient error in one line: median and worst over the parameters."""
-    finite = sorted((r for r in rows if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
+    """The end-to-end gradient error in one line: median and worst over the weight matrices
+    and kernels (a bias or norm parameter whose fp32 gradient is ~0, e.g. a bias before a
+    BatchNorm, would make any error look like -100 dB)."""
+    weights = [r for r in rows if r["ndim"] >= 2]
+    finite = sorted((r for r in weights if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
     if not finite:
-        return f"gradients against fp32: exact for all {len(rows)} parameter tensors"
+        return f"gradients against fp32: exact for all {len(weights)} weight tensors"
     median = finite[len(finite) // 2]["sqnr_db"]
     worst = finite[0]
     return (
-        f"gradients against fp32 ({len(rows)} parameter tensors): SQNR median {median:.1f} dB, "
+        f"gradients against fp32 ({len(weights)} weight tensors): SQNR median {median:.1f} dB, "
         f"lowest {worst['sqnr_db']:.1f} dB ({worst['name']}, cosine {worst['cosine']:.3f})"
     )
 
