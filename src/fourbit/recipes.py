@@ -192,12 +192,10 @@ def _ibm4_variant(name: str, description: str, roles: dict | None = None, **chan
     return Recipe(name, layer, first=FP16_LAYER, last=FP16_LAYER, description=description, **(roles or {}))
 
 
-def _gradients(fmt: str) -> dict:
-    """Both backward GEMMs' gradients in `fmt` (as a _ibm4_variant change)."""
-    return _gradients_spec(OperandSpec(fmt))
-
-
-def _gradients_spec(spec: OperandSpec) -> dict:
+def _gradients(spec: str | OperandSpec) -> dict:
+    """Both backward GEMMs' gradients as `spec` (a format name or an OperandSpec), as a
+    _ibm4_variant change."""
+    spec = OperandSpec(spec) if isinstance(spec, str) else spec
     return {"grad_dx": spec, "grad_dw": spec}
 
 
@@ -260,13 +258,13 @@ _PRESETS = [
         "ibm4-gradsr",
         "ibm4 with the radix-4 gradients rounded stochastically (unbiased between grid "
         "neighbours) instead of to the nearest",
-        **_gradients_spec(OperandSpec("fp4_radix4", rounding="stochastic")),
+        **_gradients(OperandSpec("fp4_radix4", rounding="stochastic")),
     ),
     _ibm4_variant(
         "ibm4-luqgrad",
         "ibm4 with LUQ's gradient quantizer (radix-2 FP4, stochastic rounding and underflow); "
         "two-phase rounding and adaptive GradScale kept: what closes the Transformer's gap",
-        **_gradients_spec(LUQ_GRAD),
+        **_gradients(LUQ_GRAD),
     ),
     _ibm4_variant(
         "ibm4-fp16grad",

@@ -406,8 +406,9 @@ class GradientFidelity:
     def __init__(self, model: nn.Module, fp32_model: nn.Module):
         self.shadow = fp32_model
         self.pairs = _shadow_pairs(model, fp32_model)
+        self.names = [n for n, _ in fp32_model.named_parameters()]  # (the order of pairs)
         # per parameter: Σg_ref², Σ(g − g_ref)², Σg·g_ref, Σg²
-        self.sums = {n: [0.0, 0.0, 0.0, 0.0] for n, _ in fp32_model.named_parameters()}
+        self.sums = {n: [0.0, 0.0, 0.0, 0.0] for n in self.names}
         self.reference_grads: list[Tensor | None] = []
 
     def reference(self, task, batch) -> None:
@@ -420,8 +421,7 @@ class GradientFidelity:
         self.reference_grads = [p.grad for p, _ in self.pairs]
 
     def compare(self) -> None:
-        names = [n for n, _ in self.shadow.named_parameters()]
-        for name, ref, (_, theirs) in zip(names, self.reference_grads, self.pairs, strict=True):
+        for name, ref, (_, theirs) in zip(self.names, self.reference_grads, self.pairs, strict=True):
             if ref is None or theirs.grad is None:
                 continue
             r, g = ref.double(), theirs.grad.double()
@@ -434,7 +434,7 @@ class GradientFidelity:
     def summary(self) -> list[dict]:
         """Per parameter tensor: sqnr_db of its gradient against fp32's, and their cosine."""
         rows = []
-        ndims = {name: p.ndim for name, p in self.shadow.named_parameters()}
+        ndims = dict(zip(self.names, (p.ndim for p, _ in self.pairs), strict=True))
         for name, (ref2, err2, dot, g2) in self.sums.items():
             if ref2 == 0 and g2 == 0:
                 continue  # no gradient reached it (e.g. an unused parameter)
