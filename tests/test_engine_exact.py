@@ -340,8 +340,8 @@ def test_recipe_validation_names_the_problem(tmp_path):
         recipes.Recipe.from_toml(bad)
 
 
-def test_qlstm_cell_pointwise_node_matches_the_plain_formulas():
-    from fourbit.nn.lstm import _CellPointwise
+def test_qlstm_cell_forward_and_backward_are_the_plain_formulas_and_their_derivative():
+    from fourbit.nn.lstm import cell_backward, cell_forward
 
     def plain(gates, c):
         i, f, g, o = gates.chunk(4, dim=-1)
@@ -350,15 +350,16 @@ def test_qlstm_cell_pointwise_node_matches_the_plain_formulas():
 
     gen = torch.Generator().manual_seed(0)
     gates, c = torch.randn(5, 16, generator=gen), torch.randn(5, 4, generator=gen)
-    assert all(
-        torch.equal(a, b) for a, b in zip(_CellPointwise.apply(gates, c), plain(gates, c), strict=True)
-    )
+    h, c_new, _ = cell_forward(gates, c)
+    assert all(torch.equal(a, b) for a, b in zip((h, c_new), plain(gates, c), strict=True))
+    # the hand-written backward against autograd of the formulas, in float64; dh and dc'
+    # alone, then both (an LSTM's last step gets only one of them when h_n or c_n is unused)
     g64, c64 = (t.double().requires_grad_() for t in (gates, c))
-    assert torch.autograd.gradcheck(_CellPointwise.apply, (g64, c64))
-    # only h used, and only c used: autograd hands zeros for the other
-    for pick in (0, 1):
-        ours = torch.autograd.grad(_CellPointwise.apply(g64, c64)[pick].sum(), (g64, c64))
-        theirs = torch.autograd.grad(plain(g64, c64)[pick].sum(), (g64, c64))
+    dh, dc = torch.randn(5, 4, generator=gen).double(), torch.randn(5, 4, generator=gen).double()
+    for wh, wc in ((1, 0), (0, 1), (1, 1)):
+        h64, cn64 = plain(g64, c64)
+        theirs = torch.autograd.grad((h64 * dh * wh).sum() + (cn64 * dc * wc).sum(), (g64, c64))
+        ours = cell_backward(cell_forward(g64.detach(), c64.detach())[2], dh * wh, dc * wc)
         for a, b in zip(ours, theirs, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 

@@ -22,7 +22,8 @@ import fourbit
 from fourbit import formats, recipes
 from fourbit.nn import QConv2d, QLinear, QuantState
 from fourbit.nn import gemm as gemm_module
-from fourbit.nn.lstm import QLSTM
+from fourbit.nn import lstm as lstm_module
+from fourbit.nn.lstm import QLSTM, cell_backward, cell_forward
 from fourbit.nn.spec import FP32_LAYER, LayerSpec
 from fourbit.scaling import sawb_scale
 
@@ -624,6 +625,85 @@ def test_qlstm_ibm4_gradients_are_finite_and_close_to_the_lstm():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if not name.startswith("quant."):
             assert p.grad.abs().sum() > 0, name
+
+
+class _Cell(torch.autograd.Function):
+    """cell_forward / cell_backward as an autograd node of their own."""
+
+    @staticmethod
+    def forward(ctx, gates, c):
+        h, c_new, ctx.cell = cell_forward(gates, c)
+        return h, c_new
+
+    @staticmethod
+    def backward(ctx, dh, dc_new):
+        return cell_backward(ctx.cell, dh, dc_new)
+
+
+def _recurrence_as_step_nodes(gates_x, h, c, w_hh, alpha, state, held_w, reverse, keep):
+    """QuantizedRecurrence spelled out as 2·T autograd nodes: a QuantizedGemm (through the
+    layer's QuantState, as any QLinear runs it) and a cell node per time step."""
+    outputs = [None] * gates_x.shape[0]
+    for t in reversed(range(len(outputs))) if reverse else range(len(outputs)):
+        keep_t = torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (h, w_hh, alpha))
+        ops = gemm_module.linear_ops()
+        y = gemm_module.QuantizedGemm.apply(h, w_hh, alpha, None, state, ops, keep_t, held_w)
+        h, c = _Cell.apply(gates_x[t] + y, c)
+        outputs[t] = h
+    return torch.stack(outputs), h, c
+
+
+@pytest.mark.parametrize("recipe", ["ibm4", "luq4", "nvfp4", "mxfp4", "ibm4-fp16acc", "ibm4-lstm-sawb"])
+def test_qlstm_one_node_recurrence_is_the_per_step_nodes_bit_for_bit(recipe, monkeypatch):
+    """The recurrence as one autograd node computes what one QuantizedGemm node per step
+    computes: outputs, every gradient, GradScale values and generator states, over three
+    training steps (so the adaptive GradScale and stochastic rounding carry across steps)."""
+    fast, _ = _lstm_and_copy(recipe)
+    slow = copy.deepcopy(fast)
+    x, y = _lstm_batch(3, n=5)
+
+    def train(net):
+        opt = torch.optim.SGD(net.parameters(), lr=0.5)
+        losses, grads = [], []
+        for _ in range(3):
+            losses.append(_step(net, opt, x, y))
+            grads.append({k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None})
+        with torch.no_grad():
+            return losses, grads, net(x)
+
+    ours = train(fast)
+    with monkeypatch.context() as m:
+        m.setattr(lstm_module.QuantizedRecurrence, "apply", _recurrence_as_step_nodes)
+        theirs = train(slow)
+    assert torch.equal(torch.stack(ours[0]), torch.stack(theirs[0]))
+    for g_ours, g_theirs in zip(ours[1], theirs[1], strict=True):
+        assert g_ours.keys() == g_theirs.keys()
+        assert "lstm.quant.l1_reverse_hh.pact_a.alpha" in g_ours or recipe != "ibm4"
+        for k in g_ours:
+            assert torch.equal(g_ours[k], g_theirs[k]), k
+    assert torch.equal(ours[2], theirs[2])
+    for (k, a), (_, b) in zip(fast.state_dict().items(), slow.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_qlstm_recurrence_with_frozen_weights_and_no_grad_input():
+    """With W_hh frozen and h0 constant, the first step has nothing to differentiate: it
+    saves nothing and its GradScale does not move, as if it were a node of its own."""
+    net, _ = _lstm_and_copy()
+    ref = copy.deepcopy(net)
+    for model in (net, ref):
+        for name, p in model.lstm.named_parameters():
+            p.requires_grad_(not name.startswith("weight_hh") and not name.startswith("quant."))
+    x, y = _lstm_batch(4)
+    loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lstm_module.QuantizedRecurrence, "apply", _recurrence_as_step_nodes)
+        F.cross_entropy(ref(x), y).backward()
+    for (k, a), (_, b) in zip(net.named_parameters(), ref.named_parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None) and (a.grad is None or torch.equal(a.grad, b.grad)), k
+    for (k, a), (_, b) in zip(net.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
 
 
 def test_qlstm_trains_finite_inside_a_model():

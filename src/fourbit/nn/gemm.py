@@ -6,14 +6,16 @@
 
 A GEMM family (linear, conv, matmul) is a `GemmOps`: its three GEMMs and, for each
 operand, the reduction axis it has in each GEMM (block formats put their blocks there;
-fp16 accumulation chunks it). `QuantizedGemm` is the one autograd.Function for them all.
+fp16 accumulation chunks it). `gemm_forward` and `gemm_backward` quantize and multiply for
+them all; `QuantizedGemm` is the autograd.Function that calls them (QLSTM's recurrence calls
+them once per time step inside its own).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -239,8 +241,125 @@ def quantize_b(state, b: Tensor, alpha_b: Tensor | None, ops: GemmOps, gen, keep
     return QuantizedB(qb, b_for_da)
 
 
+@dataclass
+class GemmSaved:
+    """What the forward GEMM keeps for the two backward GEMMs (`tensors()` lists its tensors
+    for ctx.save_for_backward, `restore()` takes them back)."""
+
+    state: object  # the layer's QuantState
+    ops: GemmOps
+    signs: Tensor  # NVFP4's random Hadamard signs (empty otherwise)
+    b_for_da: Packed
+    a_for_db: Packed
+    a_clipped: Tensor | None  # PACT clip bits of A and of B, where PACT clips them
+    b_clipped: Tensor | None
+    a_signed: bool
+    b_signed: bool
+    shapes_dtypes: tuple
+
+    def tensors(self) -> list[Tensor]:
+        clips = [t for t in (self.a_clipped, self.b_clipped) if t is not None]
+        return [self.signs, *self.b_for_da.tensors(), *self.a_for_db.tensors(), *clips]
+
+    def restore(self, saved: Iterator[Tensor]) -> GemmSaved:
+        signs = next(saved)
+        b_for_da, a_for_db = self.b_for_da.restore(saved), self.a_for_db.restore(saved)
+        a_clipped = next(saved) if self.a_clipped is not None else None
+        b_clipped = next(saved) if self.b_clipped is not None else None
+        return replace(
+            self, signs=signs, b_for_da=b_for_da, a_for_db=a_for_db, a_clipped=a_clipped, b_clipped=b_clipped
+        )
+
+
+def gemm_forward(state, ops: GemmOps, a, b, alpha_a, alpha_b, keep: bool, held_b: QuantizedB | None):
+    """(Y = Q_A(A) ⊛ Q_B(B) in A's dtype, what backward needs if `keep`, else None)."""
+    spec = state.spec
+    gen = state.take_generator()
+
+    # quantization points of the forward GEMM
+    qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
+    quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
+    qb = quantized_b.forward
+    y = _gemm(
+        ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate,
+        groups=(ops.groups, 1),
+    )  # fmt: skip
+    if state.observer is not None:  # telemetry (fourbit inspect): each operand before and after
+        state.observer("A", a.float(), qa.values, None)
+        state.observer("B" if ops.b_is_activation else "W", b.float(), qb.values, None)
+
+    saved = None
+    if keep:
+        # A for the dB GEMM: block formats block it along that GEMM's reduction axis
+        a_for_db = qa.packed
+        signs = torch.zeros(0)
+        if spec.hadamard_dw:
+            signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
+            a_t = random_hadamard(a.float(), ops.a_db, signs)
+            a_for_db = quantize_operand(spec.activation.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
+        elif spec.activation.is_block:
+            a_fmt, a_rounding = spec.activation.fmt, spec.activation.rounding
+            a_for_db = quantize_operand(a_fmt, a, None, 0, a_rounding, gen, ops.a_db)[1]
+        saved = GemmSaved(
+            state, ops, signs, quantized_b.for_da, a_for_db, qa.clipped, qb.clipped, qa.signed, qb.signed,
+            (a.shape, b.shape, a.dtype, b.dtype),
+        )  # fmt: skip
+    state.return_generator(gen)
+    return y.to(a.dtype), saved
+
+
+def gemm_backward(saved: GemmSaved, dy: Tensor, needs: tuple[bool, ...], b_unpacked: Tensor | None = None):
+    """(dA, dB, dα_A, dα_B) from dY; `needs`: which of (A, B, α_A, α_B) want a gradient.
+    `b_unpacked`: B as the dA GEMM reads it, already unpacked (an LSTM's W_hh, the
+    same at every step)."""
+    state, ops = saved.state, saved.ops
+    spec = state.spec
+    a_shape, b_shape, a_dtype, b_dtype = saved.shapes_dtypes
+    need_da, need_db = needs[0] or needs[2], needs[1] or needs[3]
+    gen = state.take_generator()
+
+    # GradScale: the scale s for this gradient (and the layer's scale for the next one)
+    dy = dy.float()
+    s = state.gradscale(abs_max(dy))
+
+    # Q_G: s·dY for the dX GEMM (phase_dx) and for the dW GEMM (phase_dw)
+    g_dx, g_dw = _quantize_gradients(spec, dy, s, (need_da, need_db), ops, saved.signs, gen)
+    if state.observer is not None:
+        g = dy * s
+        g_turned = random_hadamard(g, ops.g_db, saved.signs) if spec.hadamard_dw else g  # (NVFP4's dW)
+        for point, x, g_q in (("G_dx", g, g_dx), ("G_dw", g_turned, g_dw)):
+            if g_q is not None:
+                state.observer(point, x, g_q, float(s))
+
+    # (the GEMM outputs are fresh tensors: unscaled in place, with no new allocation)
+    da = db = None
+    if need_da:
+        b_q = saved.b_for_da.unpack() if b_unpacked is None else b_unpacked
+        da = _gemm(
+            ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape,
+            groups=(ops.groups, ops.groups),
+        )  # fmt: skip
+        da.div_(s)
+    if need_db:
+        a_q = saved.a_for_db.unpack()
+        db = _gemm(ops.grad_b, a_q, g_dw, ops.a_db, ops.g_db, ops.db_slice(g_dw), spec.accumulate, b_shape)
+        db.div_(s)
+    state.return_generator(gen)
+
+    # PACT: straight-through inside the clip, and the gradient of the clip level alpha
+    dalpha_a = dalpha_b = None
+    if saved.a_clipped is not None and da is not None:
+        da, dalpha_a = _pact_backward(da, saved.a_clipped, saved.a_for_db, saved.a_signed)
+    if saved.b_clipped is not None and db is not None:
+        db, dalpha_b = _pact_backward(db, saved.b_clipped, saved.b_for_da, saved.b_signed)
+    da = None if da is None or not needs[0] else da.to(a_dtype)
+    db = None if db is None or not needs[1] else db.to(b_dtype)
+    return da, db, dalpha_a, dalpha_b
+
+
 class QuantizedGemm(torch.autograd.Function):
-    """apply(a, b, alpha_a, alpha_b, state, ops, keep, held_b) -> y.
+    """apply(a, b, alpha_a, alpha_b, state, ops, keep, held_b) -> y: `gemm_forward` and
+    `gemm_backward` as one autograd node.
 
     `state` is the layer's QuantState (spec, GradScale, PACT signedness, generator);
     `keep` is False under no_grad / inference, when nothing is saved for backward;
@@ -248,94 +367,16 @@ class QuantizedGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, alpha_a, alpha_b, state, ops: GemmOps, keep: bool, held_b: QuantizedB | None):
-        spec = state.spec
-        gen = state.take_generator()
-
-        # quantization points of the forward GEMM
-        qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
-        quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
-        qb = quantized_b.forward
-        y = _gemm(
-            ops.forward, qa.values, qb.values, ops.a_fwd, ops.b_fwd, ops.fwd_slice, spec.accumulate,
-            groups=(ops.groups, 1),
-        )  # fmt: skip
-        if state.observer is not None:  # telemetry (fourbit inspect): each operand before and after
-            state.observer("A", a.float(), qa.values, None)
-            state.observer("B" if ops.b_is_activation else "W", b.float(), qb.values, None)
-
-        if keep:
-            # A for the dB GEMM: block formats block it along that GEMM's reduction axis
-            b_for_da, a_for_db = quantized_b.for_da, qa.packed
-            signs = torch.zeros(0)
-            if spec.hadamard_dw:
-                signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
-                a_t = random_hadamard(a.float(), ops.a_db, signs)
-                a_for_db = quantize_operand(spec.activation.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
-            elif spec.activation.is_block:
-                a_fmt, a_rounding = spec.activation.fmt, spec.activation.rounding
-                a_for_db = quantize_operand(a_fmt, a, None, 0, a_rounding, gen, ops.a_db)[1]
-            ctx.packs = (b_for_da, a_for_db)
-            ctx.pact = (qa.clipped is not None, qa.signed, qb.clipped is not None, qb.signed)
-            clip_masks = [t for t in (qa.clipped, qb.clipped) if t is not None]
-            ctx.save_for_backward(signs, *b_for_da.tensors(), *a_for_db.tensors(), *clip_masks)
-            ctx.state, ctx.ops = state, ops
-            ctx.shapes_dtypes = (a.shape, b.shape, a.dtype, b.dtype)
-        state.return_generator(gen)
-        return y.to(a.dtype)
+        y, saved = gemm_forward(state, ops, a, b, alpha_a, alpha_b, keep, held_b)
+        if saved is not None:
+            ctx.gemm = saved
+            ctx.save_for_backward(*saved.tensors())
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        state, ops, spec = ctx.state, ctx.ops, ctx.state.spec
-        saved = iter(ctx.saved_tensors)
-        signs = next(saved)
-        b_for_da, a_for_db = (p.restore(saved) for p in ctx.packs)
-        a_pact, a_signed, b_pact, b_signed = ctx.pact
-        a_clipped = next(saved) if a_pact else None
-        b_clipped = next(saved) if b_pact else None
-        a_shape, b_shape, a_dtype, b_dtype = ctx.shapes_dtypes
-        need_da = ctx.needs_input_grad[0] or ctx.needs_input_grad[2]
-        need_db = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
-        gen = state.take_generator()
-
-        # GradScale: the scale s for this gradient (and the layer's scale for the next one)
-        dy = dy.float()
-        s = state.gradscale(abs_max(dy))
-
-        # Q_G: s·dY for the dX GEMM (phase_dx) and for the dW GEMM (phase_dw)
-        g_dx, g_dw = _quantize_gradients(spec, dy, s, (need_da, need_db), ops, signs, gen)
-        if state.observer is not None:
-            g = dy * s
-            g_turned = random_hadamard(g, ops.g_db, signs) if spec.hadamard_dw else g  # (NVFP4's dW)
-            for point, x, g_q in (("G_dx", g, g_dx), ("G_dw", g_turned, g_dw)):
-                if g_q is not None:
-                    state.observer(point, x, g_q, float(s))
-
-        # (the GEMM outputs are fresh tensors: unscaled in place, with no new allocation)
-        da = db = None
-        if need_da:
-            b_q = b_for_da.unpack()
-            da = _gemm(
-                ops.grad_a, g_dx, b_q, ops.g_da, ops.b_da, ops.fwd_slice, spec.accumulate, a_shape,
-                groups=(ops.groups, ops.groups),
-            )  # fmt: skip
-            da.div_(s)
-        if need_db:
-            a_q = a_for_db.unpack()
-            db = _gemm(
-                ops.grad_b, a_q, g_dw, ops.a_db, ops.g_db, ops.db_slice(g_dw), spec.accumulate, b_shape
-            )
-            db.div_(s)
-        state.return_generator(gen)
-
-        # PACT: straight-through inside the clip, and the gradient of the clip level alpha
-        dalpha_a = dalpha_b = None
-        if a_pact and da is not None:
-            da, dalpha_a = _pact_backward(da, a_clipped, a_for_db, a_signed)
-        if b_pact and db is not None:
-            db, dalpha_b = _pact_backward(db, b_clipped, b_for_da, b_signed)
-        da = None if da is None or not ctx.needs_input_grad[0] else da.to(a_dtype)
-        db = None if db is None or not ctx.needs_input_grad[1] else db.to(b_dtype)
-        return da, db, dalpha_a, dalpha_b, None, None, None, None
+        saved = ctx.gemm.restore(iter(ctx.saved_tensors))
+        return *gemm_backward(saved, dy, ctx.needs_input_grad[:4]), None, None, None, None
 
 
 def _gemm(op, x, y, x_axis, y_axis, per_index, accumulate, shape=None, groups=(1, 1)):

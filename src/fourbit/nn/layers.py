@@ -65,8 +65,10 @@ class QuantState(nn.Module):
 
     def hold_weight(self, w: Tensor, ops: GemmOps) -> QuantizedB:
         """The weight w quantized once, for several `gemm(..., held_b=)` calls that would
-        each quantize the same w the same way (an LSTM's recurrent weight, every step)."""
-        keep = torch.is_grad_enabled() and w.requires_grad
+        each quantize the same w the same way (an LSTM's recurrent weight, every step).
+        Kept for backward whenever autograd records: the dA GEMM reads it even where w
+        itself is frozen."""
+        keep = torch.is_grad_enabled()
         gen = self.take_generator()
         with torch.no_grad():
             held = quantize_b(self, w, None, ops, gen, keep)

@@ -7,31 +7,105 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fourbit.nn.gemm import linear_ops
+from fourbit.nn.gemm import gemm_backward, gemm_forward, linear_ops
 from fourbit.nn.layers import QuantState, adopt
 from fourbit.nn.spec import FP32_LAYER, LayerSpec
 
 
-class _CellPointwise(torch.autograd.Function):
-    """The cell's float32 elementwise part as one autograd node (not eleven):
-    gates [B, 4H] (i, f, g, o), c [B, H] -> h = σ(o)·tanh(c'), c' = σ(f)·c + σ(i)·tanh(g)."""
+def cell_forward(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """The cell's float32 elementwise part: gates [B, 4H] (i, f, g, o), c [B, H] ->
+    (h = σ(o)·tanh(c'), c' = σ(f)·c + σ(i)·tanh(g), what `cell_backward` needs)."""
+    i, f, g, o = gates.chunk(4, dim=-1)
+    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    c_new = f * c + i * g
+    tanh_c = torch.tanh(c_new)
+    return o * tanh_c, c_new, (i, f, g, o, c, tanh_c)
+
+
+def cell_backward(saved: tuple[Tensor, ...], dh: Tensor, dc_new: Tensor) -> tuple[Tensor, Tensor]:
+    """(d gates, dc) of `cell_forward` from dh and dc'."""
+    i, f, g, o, c, tanh_c = saved
+    dc = dh * o * (1 - tanh_c * tanh_c) + dc_new
+    d_i, d_f, d_g, d_o = dc * g, dc * c, dc * i, dh * tanh_c
+    dgates = torch.cat([d_i * i * (1 - i), d_f * f * (1 - f), d_g * (1 - g * g), d_o * o * (1 - o)], -1)
+    return dgates, dc * f
+
+
+class QuantizedRecurrence(torch.autograd.Function):
+    """apply(gates_x, h0, c0, w_hh, alpha, state, held_w, reverse, keep) -> (h [T, B, H], h_T, c_T):
+    one direction of one QLSTM layer over all its time steps, as one autograd node.
+
+        forward, t = 0 … T-1 (T-1 … 0 if reverse):
+            gates = gates_x[t] + Q_A(h)·Q_W(W_hh)ᵀ      gemm_forward; Q_W(W_hh) is `held_w`
+            h, c  = cell(gates, c)
+        backward, the other way round:
+            d gates       = cell'(dh, dc)                dh: from the output and from step t+1
+            dh, dW_hh, dα = gemm_backward(d gates)      GradScale, Q_G at both phases, PACT
+
+    The same calls in the same order as T QuantizedGemm nodes (bit for bit the same values,
+    GradScale updates and random draws), without the autograd engine's bookkeeping per
+    step (a fifth of a speech-bilstm training step under ibm4, measured at one thread)."""
 
     @staticmethod
-    def forward(ctx, gates, c):
-        i, f, g, o = gates.chunk(4, dim=-1)
-        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-        c_new = f * c + i * g
-        tanh_c = torch.tanh(c_new)
-        ctx.save_for_backward(i, f, g, o, c, tanh_c)
-        return o * tanh_c, c_new
+    def forward(ctx, gates_x, h, c, w_hh, alpha, state, held_w, reverse: bool, keep: bool):
+        ops = linear_ops()
+        steps = range(gates_x.shape[0] - 1, -1, -1) if reverse else range(gates_x.shape[0])
+        outputs = gates_x.new_empty(gates_x.shape[0], *h.shape)
+        # the first step's GEMM has a gradient to compute only if h0, W_hh or α wants one
+        keep_first = keep and any(ctx.needs_input_grad[i] for i in (1, 3, 4))
+        gemms, cells = [], []
+        for t in steps:
+            y, gemm = gemm_forward(
+                state, ops, h, w_hh, alpha, None, keep_first if not gemms else keep, held_w
+            )
+            h, c, cell = cell_forward(gates_x[t] + y, c)
+            outputs[t] = h
+            gemms.append(gemm)
+            cells.append(cell)
+        if keep:
+            ctx.steps, ctx.gemms, ctx.gates_shape = list(steps), gemms, gates_x.shape
+            # the held W_hh is in every step's GemmSaved: saved once, found again by identity
+            groups = [g.tensors() if g is not None else [] for g in gemms] + cells
+            tensors, ctx.where = _unique_tensors(groups)
+            ctx.save_for_backward(*tensors)
+        return outputs, h, c
 
     @staticmethod
-    def backward(ctx, dh, dc_new):
-        i, f, g, o, c, tanh_c = ctx.saved_tensors
-        dc = dh * o * (1 - tanh_c * tanh_c) + dc_new  # autograd passes zeros for an unused output
-        d_i, d_f, d_g, d_o = dc * g, dc * c, dc * i, dh * tanh_c
-        dgates = torch.cat([d_i * i * (1 - i), d_f * f * (1 - f), d_g * (1 - g * g), d_o * o * (1 - o)], -1)
-        return dgates, dc * f
+    def backward(ctx, d_out, dh, dc):
+        saved = ctx.saved_tensors
+        lists = [[saved[i] for i in where] for where in ctx.where]
+        n = len(ctx.gemms)
+        gemms = [g and g.restore(iter(ts)) for g, ts in zip(ctx.gemms, lists[:n], strict=True)]
+        cells = lists[n:]
+        need_h0, need_w, need_alpha = (ctx.needs_input_grad[i] for i in (1, 3, 4))
+        any_grad = any(ctx.needs_input_grad[:5])
+        d_gates_x = d_out.new_empty(ctx.gates_shape)
+        w_unpacked = next((g.b_for_da.unpack() for g in gemms if g is not None), None)
+        dw = dalpha = None
+        for k in range(n - 1, -1, -1):
+            t = ctx.steps[k]
+            d_gates, dc = cell_backward(cells[k], d_out[t] + dh, dc)
+            d_gates_x[t] = d_gates
+            if gemms[k] is None:  # (the first step, with nothing to differentiate)
+                dh = None
+                continue
+            needs = (need_h0 if k == 0 else any_grad, need_w, need_alpha, False)
+            dh, dw_t, dalpha_t, _ = gemm_backward(gemms[k], d_gates, needs, w_unpacked)
+            dw = dw_t if dw is None else dw + dw_t
+            dalpha = dalpha_t if dalpha is None else dalpha + dalpha_t
+        return d_gates_x, dh, dc, dw, dalpha, None, None, None, None
+
+
+def _unique_tensors(groups: list[list[Tensor]]) -> tuple[list[Tensor], list[list[int]]]:
+    """Each distinct tensor once, and for each group the indices of its tensors in that list."""
+    tensors, index, where = [], {}, []
+    for group in groups:
+        for t in group:
+            if id(t) not in index:
+                index[id(t)] = len(tensors)
+                tensors.append(t)
+        where.append([index[id(t)] for t in group])
+    return tensors, where
 
 
 class QLSTM(nn.LSTM):
@@ -119,13 +193,14 @@ class QLSTM(nn.LSTM):
         gates_x = self.quant[f"{name}_ih"].gemm(flat, w_ih, linear_ops()).reshape(T, B, w_ih.shape[0])
         if self.bias:
             gates_x = gates_x + getattr(self, f"bias_ih_{name}") + getattr(self, f"bias_hh_{name}")
-        # unbind, not gates_x[t]: one backward node stacking the T step gradients, where
-        # T indexings would each scatter into a zeroed copy of the whole tensor
-        gates_x_steps = gates_x.unbind(0)
-        recurrent, ops = self.quant[f"{name}_hh"], linear_ops()
-        w_hh_q = recurrent.hold_weight(w_hh, ops)  # W_hh is the same at every step: quantized once
-        outputs = [None] * T
-        for t in reversed(range(T)) if reverse else range(T):
-            h, c = _CellPointwise.apply(gates_x_steps[t] + recurrent.gemm(h, w_hh, ops, held_b=w_hh_q), c)
-            outputs[t] = h
-        return torch.stack(outputs), h, c
+        recurrent = self.quant[f"{name}_hh"]
+        pact = recurrent.pact_a
+        alpha = None
+        if pact is not None:
+            pact.observe(h)
+            alpha = pact.clip_level()
+        keep = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (gates_x, h, c, w_hh, alpha)
+        )
+        w_hh_q = recurrent.hold_weight(w_hh, linear_ops())  # the same at every step: quantized once
+        return QuantizedRecurrence.apply(gates_x, h, c, w_hh, alpha, recurrent, w_hh_q, reverse, keep)
