@@ -255,7 +255,7 @@ def test_recipe_presets_are_the_spec_table():
     assert recipes.names() == [
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
-        "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16fwd",
+        "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -292,6 +292,28 @@ def test_recipe_presets_are_the_spec_table():
         dataclasses.replace(luqgrad, grad_dx=ibm4.default.grad_dx, grad_dw=ibm4.default.grad_dw)
         == ibm4.default
     )
+    # one backward GEMM's gradient in fp16, the other as ibm4's dW gradient (phase 0), with
+    # GradScale aiming at the radix-4 grid either way
+    dx, dw = recipes.get("ibm4-fp16dx").default, recipes.get("ibm4-fp16dw").default
+    assert (dx.grad_dx, dx.grad_dw, dx.phases(), dx.gradscale_top) == (
+        FP16,
+        ibm4.default.grad_dw,
+        (0, 0),
+        1.0,
+    )
+    assert (dw.grad_dx, dw.grad_dw, dw.phases(), dw.gradscale_top) == (
+        ibm4.default.grad_dx,
+        FP16,
+        (0, 0),
+        1.0,
+    )
+    for diag in (dx, dw):
+        assert (
+            dataclasses.replace(
+                diag, **{k: getattr(ibm4.default, k) for k in ("grad_dx", "grad_dw", "tpr", "gradscale_max")}
+            )
+            == ibm4.default
+        )
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default
     assert (fwd.weight, fwd.activation, fwd.grad_dx, fwd.tpr) == (FP16, FP16, ibm4.default.grad_dx, True)
     assert (grad.weight, grad.activation, grad.grad_dw) == (

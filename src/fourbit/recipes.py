@@ -278,6 +278,20 @@ _PRESETS = [
         roles={"matmul": dataclasses.replace(IBM4_LAYER, **FP16_GRADIENTS)},
     ),
     _ibm4_variant(
+        "ibm4-fp16dx",
+        "diagnostic: fp16 gradients into the dX GEMMs only (the path whose error compounds down "
+        "the layers), ibm4's radix-4 (phase 0) into the dW GEMMs",
+        grad_dx=OperandSpec("fp16"),
+        tpr=False,
+        gradscale_max=RADIX4.fmt.max_value(),  # GradScale keeps aiming at the radix-4 grid's top
+    ),
+    _ibm4_variant(
+        "ibm4-fp16dw",
+        "diagnostic: fp16 gradients into the dW GEMMs only, radix-4 (phase 0, no TPR) into the dX GEMMs",
+        grad_dw=OperandSpec("fp16"),
+        tpr=False,
+    ),
+    _ibm4_variant(
         "ibm4-fp16fwd",
         "diagnostic: fp16 weights and activations with ibm4's 4-bit gradients (the other half)",
         weight=OperandSpec("fp16"),
