@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fourbit.train as train_module
+from fourbit import tasks
 from fourbit.cli import main
 from fourbit.tasks.vision import FashionResNet20
 from fourbit.train import CHECKPOINT_VERSION, RunConfig, RunStopped, check_same_run, load_checkpoint, train
@@ -341,9 +342,40 @@ def test_checkpoints_that_must_be_refused(data, tmp_path, uninterrupted):
     other_seed = RunConfig(**{**ckpt["config"], "seed": 4})
     with pytest.raises(ValueError, match=r"from a run with other settings: seed 1 \(now 4\)"):
         check_same_run(ckpt, other_seed, good)
+    task = tasks.get("fashion-resnet20")
+    adam = RunConfig(**{**ckpt["config"], "optimizer": "adam"}).resolved(task)
+    with pytest.raises(ValueError, match=r"other settings: optimizer None \(now 'adam'\)"):
+        check_same_run(ckpt, adam, good)
+    # naming the task's own optimizer is the same run; a checkpoint from before the field
+    # existed (no "optimizer" in its config) is one with the task's optimizer
+    check_same_run(ckpt, RunConfig(**{**ckpt["config"], "optimizer": "sgd"}).resolved(task), good)
+    config = dict(ckpt["config"])
+    del config["optimizer"]
+    check_same_run({**ckpt, "config": config}, cfg, good)
 
 
 def test_run_config_checks_the_new_fields():
-    for bad in ({"checkpoint_every": 0}, {"max_skipped_steps": 0}, {"checkpoint_every": 1.5}):
+    for bad in (
+        {"checkpoint_every": 0},
+        {"max_skipped_steps": 0},
+        {"checkpoint_every": 1.5},
+        {"optimizer": "rmsprop"},
+    ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RunConfig("fashion-resnet20", "ibm4", **bad)
+
+
+def test_another_optimizer_than_the_tasks_needs_a_learning_rate_and_is_used():
+    vision, translate = tasks.get("fashion-resnet20"), tasks.get("translate-transformer")
+    with pytest.raises(ValueError, match=r"'adam' is not fashion-resnet20's own \('sgd'\).*--lr"):
+        RunConfig("fashion-resnet20", "ibm4", optimizer="adam").resolved(vision)
+    with pytest.raises(ValueError, match=r"'sgd' is not translate-transformer's own \('adam'\)"):
+        RunConfig("translate-transformer", "ibm4", optimizer="sgd").resolved(translate)
+    assert RunConfig("fashion-resnet20", "ibm4", optimizer="sgd").resolved(vision).optimizer is None
+
+    model = torch.nn.Linear(3, 2)
+    for optimizer, lr, kind in ((None, None, torch.optim.SGD), ("adam", 1e-3, torch.optim.AdamW)):
+        cfg = RunConfig("fashion-resnet20", "ibm4", lr=lr, optimizer=optimizer).resolved(vision)
+        opt, _ = train_module._optimizer(vision, model, cfg, total_steps=10)
+        assert type(opt) is kind
+        assert opt.defaults["lr"] == (lr or vision.defaults.lr)

@@ -134,6 +134,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_metrics(tmp_path, monke
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
     assert keys <= set(summary) and summary["commits"] == [source_commit()]
     assert summary["torch_threads"] == [torch.get_num_threads()]
+    assert summary["optimizer"] == "sgd"  # the task's, recorded though the config left it None
     assert (tmp_path / "cut" / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -93,6 +93,7 @@ def _run_config(args, recipe: str):
         max_skipped_steps=args.max_skipped_steps,
         nproc=nproc,
         grad_comm=vars(args).get("grad_comm", "fp32"),
+        optimizer=args.optimizer,
     )
 
 
@@ -262,6 +263,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="default: the task's")
     p.add_argument("--batch-size", type=int, help="default: the task's")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
+    p.add_argument(
+        "--optimizer",
+        choices=tasks.OPTIMIZERS,
+        help="sgd (Nesterov momentum 0.9) or adam (AdamW); default: the task's. Another than the "
+        "task's needs --lr",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N of a fixed shuffle")
     p.add_argument("--test-limit", type=int, metavar="N", help="evaluate on the first N of a fixed shuffle")

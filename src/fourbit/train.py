@@ -71,6 +71,7 @@ class RunConfig:
     max_skipped_steps: int = 20  # stop after this many non-finite steps in a row
     nproc: int = 1  # processes (DDP ranks); batch_size is split between them
     grad_comm: str = "fp32"  # gradient exchange between ranks: "fp32" (DDP's) or "fp4"
+    optimizer: str | None = None  # "sgd" or "adam" (None: the task's); another than the task's needs lr
 
     def __post_init__(self):
         tasks.get(self.task)  # ValueErrors listing the known names
@@ -89,14 +90,25 @@ class RunConfig:
             raise ValueError(f"grad_comm must be 'fp32' or 'fp4'; got {self.grad_comm!r}")
         if self.grad_comm == "fp4" and self.nproc == 1:
             raise ValueError("grad_comm 'fp4' needs nproc >= 2: one process exchanges no gradients")
+        if self.optimizer not in (None, *tasks.OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {tasks.OPTIMIZERS}; got {self.optimizer!r}")
 
     def resolved(self, task: tasks.Task) -> RunConfig:
+        """Every None filled in from the task's defaults, except `optimizer`: None (the task's
+        own) stays None, so a run is the same run whether or not it names the default."""
         d = task.defaults
+        optimizer = None if self.optimizer == d.optimizer else self.optimizer
+        if optimizer is not None and self.lr is None:
+            raise ValueError(
+                f"optimizer {optimizer!r} is not {task.name}'s own ({d.optimizer!r}), whose learning "
+                f"rate {d.lr:g} is tuned for it; give the learning rate too (--lr)"
+            )
         return dataclasses.replace(
             self,
             epochs=self.epochs or d.epochs,
             batch_size=self.batch_size or d.batch_size,
             lr=self.lr or d.lr,
+            optimizer=optimizer,
         )
 
 
@@ -134,7 +146,7 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 def _optimizer(task: tasks.Task, model, cfg: RunConfig, total_steps: int):
     d = task.defaults
-    if d.optimizer == "adam":
+    if (cfg.optimizer or d.optimizer) == "adam":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=d.weight_decay)
     else:
         opt = torch.optim.SGD(
@@ -597,6 +609,7 @@ class _Run:
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
+            "optimizer": cfg.optimizer or task.defaults.optimizer,
             "train_limit": cfg.train_limit,
             "test_limit": cfg.test_limit,
             "nproc": cfg.nproc,

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+OPTIMIZERS = ("sgd", "adam")  # SGD with Nesterov momentum 0.9; AdamW
+
 
 @dataclass(frozen=True)
 class Defaults:
@@ -22,7 +24,7 @@ class Defaults:
     epochs: int
     batch_size: int
     lr: float
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adam"
+    optimizer: str = "sgd"  # one of OPTIMIZERS
     weight_decay: float = 5e-4
     schedule: str = "cosine"  # "cosine" or "constant"
     warmup: float = 0.0  # fraction of all steps with a linear learning-rate warm-up
