@@ -18,7 +18,7 @@ COMMON=(--resume --checkpoint-every 100 --quiet)
 args_for() {
   case "$1" in
     r20-headline) echo "--task fashion-resnet20 --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4 --epochs 15" ;;
-    r20-ablation) echo "--task fashion-resnet20 --recipes fp32,fp16,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4,ibm4-luqgrad --epochs 5 --train-limit 12000" ;;
+    r20-ablation) echo "--task fashion-resnet20 --recipes fp32,fp16,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4,ibm4-luqgrad,ibm4-fp16grad --epochs 5 --train-limit 12000" ;;
     r20-adam) echo "--task fashion-resnet20 --recipes fp32,ibm4,ibm4-fp16grad --epochs 5 --train-limit 12000 --optimizer adam --lr 1e-3" ;;
     mnv2) echo "--task fashion-mobilenetv2 --recipes fp32,ibm4,ibm4-pw-hfp8 --epochs 5 --train-limit 12000" ;;
     translate-headline) echo "--task translate-transformer --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4,ibm4-luqgrad" ;;
