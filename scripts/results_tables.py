@@ -47,7 +47,9 @@ def table(experiment: Path) -> str:
     first = summaries[0]
     lines = [
         f"**{experiment.name}** — task {first['task']}, seed {first['seed']}, {first['epochs']} epochs, "
-        f"train limit {first['train_limit']}, test limit {first['test_limit']}\n",
+        f"train limit {first['train_limit']}, test limit {first['test_limit']}, lr {first['lr']:g}"
+        # summaries before commit cab5461 lack the optimizer: it was always the task's
+        f"{', optimizer ' + first['optimizer'] if 'optimizer' in first else ''}\n",
         compare_table(summaries, times=False),  # runs shared the machine: cost is in the bench table
         "| recipe | wall time | mean epoch time | threads | skipped steps | commit |",
         "|---|---|---|---|---|---|",
