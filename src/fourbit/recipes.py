@@ -292,6 +292,22 @@ _PRESETS = [
         tpr=False,
     ),
     _ibm4_variant(
+        "ibm4-nvfp4dx",
+        "ibm4 with NVFP4 gradients (e2m1 in blocks of 16 with fp8 scales, stochastic rounding) "
+        "into the dX GEMMs, where the error compounds down the layers; radix-4 (phase 0) into dW",
+        grad_dx=NV_GRAD,
+        tpr=False,
+        gradscale_max=RADIX4.fmt.max_value(),  # GradScale keeps aiming at the radix-4 grid's top
+    ),
+    _ibm4_variant(
+        "ibm4-nvfp4grad",
+        "ibm4's INT4 forward with NVFP4 gradients (e2m1 in blocks of 16 with fp8 scales, "
+        "stochastic rounding) into both backward GEMMs; the blocks carry the scale, no GradScale",
+        **_gradients(NV_GRAD),
+        tpr=False,
+        gradscale="none",
+    ),
+    _ibm4_variant(
         "ibm4-fp16fwd",
         "diagnostic: fp16 weights and activations with ibm4's 4-bit gradients (the other half)",
         weight=OperandSpec("fp16"),
