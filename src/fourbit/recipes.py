@@ -199,6 +199,12 @@ def _gradients(spec: str | OperandSpec) -> dict:
     return {"grad_dx": spec, "grad_dw": spec}
 
 
+def _dx_gradient(spec: OperandSpec) -> dict:
+    """`spec` into the dX GEMMs only, ibm4's radix-4 (phase 0, no TPR) still into the dW GEMMs,
+    as a _ibm4_variant change; GradScale keeps aiming at the radix-4 grid's top."""
+    return {"grad_dx": spec, "tpr": False, "gradscale_max": RADIX4.fmt.max_value()}
+
+
 # the diagnostics' fp16 gradients: scaled as the fp16 recipe's, one quantization for both GEMMs
 FP16_GRADIENTS = dict(_gradients("fp16"), tpr=False, gradscale="current", gradscale_max=256.0)
 
@@ -281,9 +287,7 @@ _PRESETS = [
         "ibm4-fp16dx",
         "diagnostic: fp16 gradients into the dX GEMMs only (the path whose error compounds down "
         "the layers), ibm4's radix-4 (phase 0) into the dW GEMMs",
-        grad_dx=OperandSpec("fp16"),
-        tpr=False,
-        gradscale_max=RADIX4.fmt.max_value(),  # GradScale keeps aiming at the radix-4 grid's top
+        **_dx_gradient(OperandSpec("fp16")),
     ),
     _ibm4_variant(
         "ibm4-fp16dw",
@@ -295,9 +299,7 @@ _PRESETS = [
         "ibm4-nvfp4dx",
         "ibm4 with NVFP4 gradients (e2m1 in blocks of 16 with fp8 scales, stochastic rounding) "
         "into the dX GEMMs, where the error compounds down the layers; radix-4 (phase 0) into dW",
-        grad_dx=NV_GRAD,
-        tpr=False,
-        gradscale_max=RADIX4.fmt.max_value(),  # GradScale keeps aiming at the radix-4 grid's top
+        **_dx_gradient(NV_GRAD),
     ),
     _ibm4_variant(
         "ibm4-nvfp4grad",

@@ -71,7 +71,7 @@ class RunConfig:
     max_skipped_steps: int = 20  # stop after this many non-finite steps in a row
     nproc: int = 1  # processes (DDP ranks); batch_size is split between them
     grad_comm: str = "fp32"  # gradient exchange between ranks: "fp32" (DDP's) or "fp4"
-    optimizer: str | None = None  # "sgd" or "adam" (None: the task's); another than the task's needs lr
+    optimizer: str | None = None  # one of tasks.OPTIMIZERS (None: the task's); another needs lr
 
     def __post_init__(self):
         tasks.get(self.task)  # ValueErrors listing the known names
@@ -111,6 +111,10 @@ class RunConfig:
             optimizer=optimizer,
         )
 
+    def optimizer_name(self, task: tasks.Task) -> str:
+        """The optimizer this run trains with: its own, or the task's."""
+        return self.optimizer or task.defaults.optimizer
+
 
 class RunStopped(RuntimeError):
     """The run stopped before its end and left a checkpoint; the CLI exits with `exit_code`."""
@@ -146,7 +150,7 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 def _optimizer(task: tasks.Task, model, cfg: RunConfig, total_steps: int):
     d = task.defaults
-    if (cfg.optimizer or d.optimizer) == "adam":
+    if cfg.optimizer_name(task) == "adam":
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=d.weight_decay)
     else:
         opt = torch.optim.SGD(
@@ -609,7 +613,7 @@ class _Run:
             "epochs": cfg.epochs,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
-            "optimizer": cfg.optimizer or task.defaults.optimizer,
+            "optimizer": cfg.optimizer_name(task),
             "train_limit": cfg.train_limit,
             "test_limit": cfg.test_limit,
             "nproc": cfg.nproc,
