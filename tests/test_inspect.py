@@ -17,7 +17,7 @@ from fourbit.tasks.speech import SpeechBiLSTM
 from fourbit.tasks.translate import TranslateTransformer
 from fourbit.train import RunConfig, train
 
-from .test_train_cli import _tiny_fashion
+from .test_train_cli import _Killed, _tiny_fashion
 
 
 def f32(values):
@@ -228,9 +228,52 @@ def test_cli_inspect_refuses_more_steps_than_an_epoch_and_an_unknown_layer(tmp_p
     base = ["inspect", "--task", "fashion-resnet20", "--recipe", "ibm4", "--batch-size", "48",
             "--data-dir", str(data), "--out", str(tmp_path / "o"), "--quiet"]  # fmt: skip
     assert main([*base, "--steps", "3"]) == 2
-    assert "exceeds the 2 steps of one epoch" in capsys.readouterr().err
+    assert "exceeds the 2 steps left in the epoch" in capsys.readouterr().err
     assert main([*base, "--steps", "1", "--layer", "nope"]) == 2
     assert "--layer 'nope'" in capsys.readouterr().err
+
+
+def test_cli_inspect_from_a_checkpoint_takes_the_next_steps_of_training(tmp_path, capsys, monkeypatch):
+    """--from: inspect continues a checkpointed run. Its two steps from the end of epoch 1
+    are epoch 2 of the uninterrupted run: their mean loss is that epoch's train loss."""
+    data = _tiny_fashion(tmp_path / "data")
+    cfg = RunConfig("fashion-resnet20", "ibm4", epochs=2, batch_size=48, seed=3, data_dir=str(data))
+    train(cfg, tmp_path / "whole", progress=False)
+    epoch2 = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[1])
+
+    import fourbit.train as train_module
+
+    real_write = train_module.atomic_write
+
+    def write_then_die(path, write):
+        real_write(path, write)
+        if path.name == "checkpoint.pt":
+            raise _Killed  # the run stops at its first checkpoint, the end of epoch 1
+
+    monkeypatch.setattr(train_module, "atomic_write", write_then_die)
+    with pytest.raises(_Killed):
+        train(cfg, tmp_path / "runs" / "ibm4", progress=False)
+    monkeypatch.setattr(train_module, "atomic_write", real_write)
+    checkpoint = tmp_path / "runs" / "ibm4" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+
+    out = tmp_path / "inspect"
+    argv = ["inspect", "--task", "fashion-resnet20", "--recipe", "ibm4", "--from", str(tmp_path / "runs"),
+            "--steps", "2", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads((out / "inspect.json").read_text())["recipes"]["ibm4"]
+    assert r["from"] == {"epoch": 1, "step": 0} and r["seed"] == 3 and r["batch_size"] == 48
+    assert sum(r["losses"]) / 2 == pytest.approx(epoch2["train_loss"], rel=1e-6)
+    assert len(r["gradients"]) == 65 and len(r["layers"]) == 22
+    assert checkpoint.read_bytes() == before  # inspecting writes nothing into the run
+
+    capsys.readouterr()
+    assert main([*argv, "--seed", "3"]) == 2
+    assert "--from takes each run's settings from its checkpoint; drop --seed" in capsys.readouterr().err
+    assert main([*argv[:4], "fp32", *argv[5:]]) == 2  # no run of fp32 in that folder
+    assert f"no checkpoint at {tmp_path / 'runs' / 'fp32' / 'checkpoint.pt'}" in capsys.readouterr().err
+    assert main(["inspect", "--task", "speech-bilstm", *argv[3:]]) == 2
+    assert "is a checkpoint of task 'fashion-resnet20', not 'speech-bilstm'" in capsys.readouterr().err
 
 
 def test_bn_distance_by_hand():

@@ -207,9 +207,14 @@ def cmd_inspect(args) -> int:
     names = _recipe_names(args.recipes or args.recipe)
     out = args.out or Path("runs") / f"inspect-{args.task}"
     data_dir = str(args.data_dir) if args.data_dir else None
+    run_settings = {"--seed": args.seed, "--batch-size": args.batch_size, "--train-limit": args.train_limit,
+                    "--data-dir": data_dir}  # fmt: skip
+    given = [flag for flag, v in run_settings.items() if v is not None]
+    if args.runs is not None and given:
+        raise ValueError(f"--from takes each run's settings from its checkpoint; drop {', '.join(given)}")
     result = telemetry.inspect(
-        args.task, names, args.steps, args.seed, args.batch_size, args.train_limit, data_dir, out,
-        progress=not args.quiet,
+        args.task, names, args.steps, args.seed or 0, args.batch_size, args.train_limit, data_dir, out,
+        progress=not args.quiet, runs=args.runs,
     )  # fmt: skip
     print(telemetry.format_report(result))
     atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
@@ -352,9 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=_task_names())
     p.add_argument("--steps", type=int, default=10, help="training steps recorded (default: 10)")
     p.add_argument("--batch-size", type=int, help="default: the task's")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default: 0")
     p.add_argument("--train-limit", type=int, metavar="N", help="train on the first N of a fixed shuffle")
     p.add_argument("--data-dir", type=Path, help="a directory with the task's data")
+    p.add_argument(
+        "--from", dest="runs", type=Path, metavar="DIR",
+        help="a `fourbit compare --out` folder: record each recipe's next steps from "
+        "DIR/RECIPE/checkpoint.pt (its weights, optimizer and place in the data), not the first ones",
+    )  # fmt: skip
     p.add_argument("--layer", help="the layer whose gradient histogram is drawn (default: a middle one)")
     p.add_argument("--out", type=Path, help="output directory (default: runs/inspect-TASK)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")

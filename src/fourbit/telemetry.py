@@ -40,7 +40,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from fourbit.formats import BlockFormat, LogFormat
 from fourbit.nn import QLinear, QMatmul, QuantState
@@ -48,7 +47,7 @@ from fourbit.nn.gemm import GemmOps, conv_ops, linear_ops, matmul_ops
 from fourbit.nn.lstm import QLSTM
 from fourbit.nn.quant import operand_scale
 from fourbit.nn.spec import OperandSpec
-from fourbit.train import RunConfig, _epoch_generator, _Run, _StopSignals, train_step
+from fourbit.train import RunConfig, _Run, _StopSignals, load_checkpoint, train_step
 
 POINTS = ("W", "B", "A", "G_dx", "G_dw")
 HIST_LOW, HIST_HIGH, HIST_WIDTH = -40.0, 4.0, 0.25  # log2 |g| bins of grad_hist
@@ -268,17 +267,19 @@ class Recorder:
 # -- fourbit inspect ---------------------------------------------------------------------------
 
 
-def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False) -> dict:
+def inspect_recipe(
+    cfg: RunConfig, steps: int, out: Path, progress: bool = False, resume: bool = False
+) -> dict:
     """The first `steps` training steps of `fourbit train` with `cfg` (same model init, data
-    order and augmentation), recorded; nothing is written."""
+    order and augmentation), recorded; nothing is written. `resume`: the next `steps` steps
+    of the run whose checkpoint is `out`/checkpoint.pt instead (its weights, optimizer and
+    place in the data order)."""
     t0 = time.perf_counter()
-    run = _Run(cfg, out, progress=False)
-    if steps > run.steps_per_epoch:
-        raise ValueError(f"--steps {steps} exceeds the {run.steps_per_epoch} steps of one epoch")
-    # epoch 0's order and augmentation, as _Run.train_epoch draws them
-    order = torch.randperm(len(run.train_set), generator=_epoch_generator(cfg.seed, 0, 0)).tolist()
-    aug = _epoch_generator(cfg.seed, 0, 1)
-    loader = DataLoader(run.train_set, run.cfg.batch_size, sampler=order, collate_fn=run.task.collate)
+    run = _Run(cfg, out, progress=False, resume=resume)
+    left = run.steps_per_epoch - run.pos.step
+    if steps > left:
+        raise ValueError(f"--steps {steps} exceeds the {left} steps left in the epoch")
+    loader, aug = run.next_batches()
     with torch.random.fork_rng(devices=[]):  # building the copy draws init weights: not the run's RNG
         fidelity = GradientFidelity(run.model, run.task.build_model())
     run.model.train()
@@ -296,6 +297,8 @@ def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False
                 print(f"  {cfg.recipe} step {rec.step + 1}/{steps}: loss {loss:.4f}", flush=True)
     return {
         "recipe": cfg.recipe,
+        "seed": cfg.seed,
+        "from": {"epoch": run.pos.epoch, "step": run.pos.step},  # where in training the steps began
         "steps": len(losses),
         "batch_size": run.cfg.batch_size,
         "losses": losses,
@@ -304,6 +307,15 @@ def inspect_recipe(cfg: RunConfig, steps: int, out: Path, progress: bool = False
         "layers": rec.layers(),
         "gradients": fidelity.summary(),
     }
+
+
+def _checkpointed_config(task: str, recipe: str, runs: Path) -> RunConfig:
+    """The RunConfig of the run checkpointed in `runs`/`recipe` (a `fourbit compare --out`)."""
+    path = runs / recipe / "checkpoint.pt"
+    cfg = RunConfig(**load_checkpoint(path)["config"])
+    if cfg.task != task:
+        raise ValueError(f"{path} is a checkpoint of task {cfg.task!r}, not {task!r}")
+    return cfg
 
 
 def inspect(
@@ -316,15 +328,24 @@ def inspect(
     data_dir: str | None = None,
     out: Path = Path("."),
     progress: bool = False,
+    runs: Path | None = None,
 ) -> dict:
-    """inspect_recipe for each recipe: the dict written to inspect.json."""
+    """inspect_recipe for each recipe: the dict written to inspect.json. `runs`: a folder
+    of `fourbit compare` (`runs`/RECIPE/checkpoint.pt): each recipe's next steps from its
+    checkpoint, under its own settings (seed, batch size, train limit), not the first ones."""
     if steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    configs = [  # (test_limit 1: the test split is loaded by the run but not used)
-        RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
-                  data_dir=data_dir)
-        for r in recipes
-    ]  # fmt: skip
+    if runs is None:
+        configs = [  # (test_limit 1: the test split is loaded by the run but not used)
+            RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
+                      data_dir=data_dir)
+            for r in recipes
+        ]  # fmt: skip
+        folders = [out] * len(configs)
+    else:
+        configs = [_checkpointed_config(task, r, runs) for r in recipes]
+        folders = [runs / r for r in recipes]
+        seed, train_limit = configs[0].seed, configs[0].train_limit  # (each recipe's: in its result)
     return {
         "format": "fourbit-inspect",
         "version": 1,
@@ -332,7 +353,11 @@ def inspect(
         "seed": seed,
         "train_limit": train_limit,
         "aggregation": "sums over every GEMM call of every step, pooled (per-step SQNR also given)",
-        "recipes": {c.recipe: inspect_recipe(c, steps, out, progress) for c in configs},
+        "runs": None if runs is None else str(runs),
+        "recipes": {
+            c.recipe: inspect_recipe(c, steps, folder, progress, resume=runs is not None)
+            for c, folder in zip(configs, folders, strict=True)
+        },
     }
 
 

@@ -520,15 +520,21 @@ class _Run:
             aug, f"{self.pos.in_a_row} steps in a row skipped (the last: {why})", advice, EXIT_DIVERGED
         )
 
-    def train_epoch(self, signals: _StopSignals) -> None:
-        """The steps of epoch `pos.epoch` from step `pos.step` on."""
+    def next_batches(self) -> tuple[DataLoader, torch.Generator]:
+        """The batches of epoch `pos.epoch` from step `pos.step` on, and the generator that
+        augments them (the order and augmentation a fresh or a resumed run draws alike)."""
         cfg, pos, epoch = self.cfg, self.pos, self.pos.epoch
         order = torch.randperm(len(self.train_set), generator=_epoch_generator(cfg.seed, epoch, 0)).tolist()
         aug = _epoch_generator(cfg.seed, epoch, 1 + self.rank)  # each rank its own augmentation
         if pos.step:  # resumed mid-epoch: skip the batches done, augment from where it was
             aug.set_state(self.augment_rng)
         sampler = distributed.shard(order)[pos.step * self.batch_size :]
-        loader = DataLoader(self.train_set, self.batch_size, sampler=sampler, collate_fn=self.task.collate)
+        return DataLoader(self.train_set, self.batch_size, sampler=sampler, collate_fn=self.task.collate), aug
+
+    def train_epoch(self, signals: _StopSignals) -> None:
+        """The steps of epoch `pos.epoch` from step `pos.step` on."""
+        cfg, pos, epoch = self.cfg, self.pos, self.pos.epoch
+        loader, aug = self.next_batches()
         self.net.train()
         t0 = time.perf_counter() - pos.train_time
         desc = f"{cfg.task} {cfg.recipe} epoch {epoch + 1}/{cfg.epochs}"
