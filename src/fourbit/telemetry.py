@@ -312,7 +312,7 @@ def inspect_recipe(
 def _checkpointed_config(task: str, recipe: str, runs: Path) -> RunConfig:
     """The RunConfig of the run checkpointed in `runs`/`recipe` (a `fourbit compare --out`)."""
     path = runs / recipe / "checkpoint.pt"
-    cfg = RunConfig(**load_checkpoint(path)["config"])
+    cfg = RunConfig(**load_checkpoint(path, mmap=True)["config"])  # (_Run reads the tensors)
     if cfg.task != task:
         raise ValueError(f"{path} is a checkpoint of task {cfg.task!r}, not {task!r}")
     return cfg

@@ -173,10 +173,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by `train`, loaded with weights_only=True; clear errors otherwise."""
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
+    """A checkpoint written by `train`, loaded with weights_only=True; clear errors otherwise.
+    `mmap`: map its tensors instead of reading them (for a look at its config)."""
     try:
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = torch.load(path, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ValueError(f"no checkpoint at {path}") from None
     except Exception as e:  # torch raises many types for truncated / foreign files
