@@ -61,6 +61,30 @@ def test_qlinear_three_gemms(spec, phases):
     assert torch.equal(q.quant.pact_a.alpha.grad, dx[clipped].sum())
 
 
+def test_unquantized_gradients_keep_the_forward_and_pass_dy_through_exactly():
+    """QuantState.unquantize_gradients (the `own-forward` gradient reference): the same
+    quantized forward; dX and dW the GEMMs of the float32 dY with the quantized operands,
+    after the GradScale it kept from training (2**20: exact, so invisible)."""
+    assert recipes.get("fp32").default.float32_gradients().is_fp32
+    lin = nn.Linear(48, 24)
+    q = QLinear.from_float(lin, IBM4)
+    q.quant.gradscale.scale.fill_(2.0**20)
+    q.quant.unquantize_gradients()
+    assert q.quant.spec.weight == IBM4.weight and q.quant.spec.grad_dx.format is None
+    x = (torch.randn(16, 48, generator=_gen(1)) * 2).relu().requires_grad_()
+    y = q(x)
+    alpha = q.quant.pact_a.alpha.detach()
+    qw = INT4.quantize(lin.weight.detach(), sawb_scale(lin.weight, INT4))
+    qa = UINT4.quantize(x.detach().clamp(0, alpha), alpha / 15)
+    assert torch.equal(y, F.linear(qa, qw) + lin.bias)
+    dy = torch.randn(16, 24, generator=_gen(2)) * 0.05
+    y.backward(dy)
+    clipped = x.detach() >= alpha
+    assert torch.equal(x.grad, torch.where(clipped, 0.0, dy @ qw))
+    assert torch.equal(lin.weight.grad, dy.t() @ qa)
+    assert q.quant.gradscale.scale.item() == 2.0**20  # kept, not adapted
+
+
 def test_tpr_off_feeds_both_gemms_from_one_quantization():
     # with TPR, dX and dW see different grids, so at least one gradient differs from no-TPR
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """fourbit inspect and fourbit bn-drift: the telemetry numbers against hand-worked values,
 the JSON they write, the CLI end to end, and BatchNorm drift (exactly 0 under fp32)."""
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ import fourbit
 from fourbit import telemetry
 from fourbit.cli import main
 from fourbit.nn import LayerSpec, OperandSpec, QLinear
+from fourbit.recipes import LUQ_GRAD, Recipe
 from fourbit.tasks.speech import SpeechBiLSTM
 from fourbit.tasks.translate import TranslateTransformer
 from fourbit.train import RunConfig, train
@@ -190,7 +192,8 @@ def test_cli_inspect_writes_json_and_plots_and_follows_train(tmp_path, capsys):
             "--batch-size", "48", "--data-dir", str(data), "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "stages.0.conv1" in printed and "SQNR dB" in printed and "gradients against fp32" in printed
+    assert "stages.0.conv1" in printed and "SQNR dB" in printed
+    assert "gradients against an fp32 copy of the model" in printed
     result = json.loads((out / "inspect.json").read_text())
     assert result["format"] == "fourbit-inspect" and result["version"] == 1
     assert result["task"] == "fashion-resnet20" and list(result["recipes"]) == ["ibm4", "mxfp4"]
@@ -266,6 +269,17 @@ def test_cli_inspect_from_a_checkpoint_takes_the_next_steps_of_training(tmp_path
     assert sum(r["losses"]) / 2 == pytest.approx(epoch2["train_loss"], rel=1e-6)
     assert len(r["gradients"]) == 65 and len(r["layers"]) == 22
     assert checkpoint.read_bytes() == before  # inspecting writes nothing into the run
+    assert r["reference_losses"] != r["losses"]  # an fp32 copy: not the 4-bit forward
+
+    capsys.readouterr()
+    assert main([*argv, "--gradient-reference", "own-forward"]) == 0
+    assert "gradients against the recipe's own forward with float32 gradients" in capsys.readouterr().out
+    result = json.loads((out / "inspect.json").read_text())
+    own = result["recipes"]["ibm4"]
+    assert result["gradient_reference"] == "own-forward" and own["losses"] == r["losses"]
+    assert own["reference_losses"] == own["losses"]  # the same forward, from the checkpoint on
+    extra = {g["name"] for g in own["gradients"]} - {g["name"] for g in r["gradients"]}
+    assert extra and all(n.endswith(".quant.pact_a.alpha") for n in extra)  # the PACT clips' too
 
     capsys.readouterr()
     assert main([*argv, "--seed", "3"]) == 2
@@ -311,18 +325,32 @@ def test_cli_bn_drift_is_zero_under_fp32_and_not_under_ibm4(tmp_path, capsys):
     assert main([*argv, "--resume"]) == 2
 
 
-def _fidelity(recipe, dropout):
-    """GradientFidelity over one step of a tiny Transformer under `recipe`, as inspect runs it."""
+def _fidelity(recipe, dropout, reference="fp32", steps=1, losses=None):
+    """GradientFidelity over `steps` SGD steps of a tiny Transformer under `recipe`, as
+    inspect runs it; appends (the model's loss, the reference's) of each step to `losses`."""
     task = TranslateTransformer(vocab_size=60, dim=16, layers=(1, 1), heads=2, hidden=32, dropout=dropout)
-    batch = task.synthetic_batch(4, 6, torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    batches = [task.synthetic_batch(4, 6, gen) for _ in range(steps)]
     torch.manual_seed(0)
-    model = fourbit.convert(task.build_model(), recipe, example_input=task.model_inputs(batch), verbose=False)
-    fidelity = telemetry.GradientFidelity(model, task.build_model())
+    model = task.build_model()
+    fourbit.convert(model, recipe, example_input=task.model_inputs(batches[0]), verbose=False)
+    fidelity = telemetry.GradientFidelity(model, telemetry.reference_model(model, task, reference))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     model.train()
-    fidelity.reference(task, batch)
-    task.loss(model, batch)[0].backward()
-    fidelity.compare()
+    for batch in batches:
+        fidelity.reference(task, batch)
+        opt.zero_grad()
+        loss = task.loss(model, batch)[0]
+        loss.backward()
+        fidelity.compare()
+        if losses is not None:
+            losses.append((float(loss.detach()), fidelity.reference_loss))
+        opt.step()
     return {row["name"]: row for row in fidelity.summary()}
+
+
+def _inner_weights(rows):
+    return [r for n, r in rows.items() if n.startswith(("encoder", "decoder")) and n.endswith("weight")]
 
 
 def test_gradient_fidelity_is_exact_under_fp32_with_dropout_on():
@@ -335,8 +363,52 @@ def test_gradient_fidelity_is_exact_under_fp32_with_dropout_on():
 
 def test_gradient_fidelity_measures_ibm4s_error():
     rows = _fidelity("ibm4", dropout=0.0)
-    inner = [r for n, r in rows.items() if n.startswith(("encoder", "decoder")) and n.endswith("weight")]
+    inner = _inner_weights(rows)
     assert inner and all(0 < r["sqnr_db"] < 40 and 0 < r["cosine"] < 1 for r in inner)
+
+
+# a 4-bit forward whose weights round stochastically (drawing from the layer's generator)
+# and whose gradients stay float32
+W4A4_FP32_GRADS = Recipe(
+    "w4a4", LayerSpec(OperandSpec("int4", "sawb", rounding="stochastic"), OperandSpec("uint4", "pact"))
+)
+
+
+def test_own_forward_reference_is_exact_where_gradients_are_not_quantized():
+    """Against the recipe's own forward with float32 gradients, a recipe that quantizes no
+    gradient has no gradient error at all, over steps that move the weights and PACT clips,
+    with dropout on and stochastic rounding in the forward (the copy draws what the model
+    draws); against fp32 the same gradients are far off (the 4-bit forward's effect)."""
+    own = _fidelity(W4A4_FP32_GRADS, dropout=0.3, reference="own-forward", steps=3)
+    assert len(own) > 10 and "encoder.0.attn.qkv.weight" in own
+    assert all(r["sqnr_db"] is None and r["cosine"] == pytest.approx(1.0) for r in own.values())
+    assert any(".pact_a." in name for name in own)  # the clips' gradients too
+    fp32 = _inner_weights(_fidelity(W4A4_FP32_GRADS, dropout=0.3, reference="fp32", steps=3))
+    assert fp32 and all(r["sqnr_db"] < 30 for r in fp32)
+
+
+def test_own_forward_reference_isolates_the_gradient_quantizer():
+    """ibm4's 4-bit forward with fp16 gradients: against fp32 the forward's effect dominates;
+    against its own forward only fp16's rounding of the gradients is left (far smaller)."""
+    fp32 = _inner_weights(_fidelity("ibm4-fp16grad", dropout=0.0, reference="fp32"))
+    own = _inner_weights(_fidelity("ibm4-fp16grad", dropout=0.0, reference="own-forward"))
+    assert max(r["sqnr_db"] for r in fp32) < 30 < 50 < min(r["sqnr_db"] for r in own)
+    ibm4 = _inner_weights(_fidelity("ibm4", dropout=0.0, reference="own-forward"))
+    assert all(0 < r["sqnr_db"] < 40 for r in ibm4)  # ibm4's radix-4 gradients: far coarser
+    acc16 = _inner_weights(_fidelity("ibm4-fp16acc", dropout=0.0, reference="own-forward"))
+    assert all(0 < r["sqnr_db"] < 40 for r in acc16)  # (fp16 accumulation on GradScale'd gradients)
+
+
+def test_own_forward_reference_computes_the_models_forward_step_after_step():
+    """Stochastic rounding in the forward and in the gradients (which draw from the same
+    layer generator): the copy's loss is the model's at every step, so its forward drew
+    what the model's did, though only the model's backward drew gradient noise."""
+    luq = {"grad_dx": LUQ_GRAD, "grad_dw": LUQ_GRAD, "gradscale": "current"}
+    spec = dataclasses.replace(W4A4_FP32_GRADS.default, **luq)
+    losses = []
+    rows = _fidelity(Recipe("w4a4-luq", spec), dropout=0.3, reference="own-forward", steps=3, losses=losses)
+    assert len(losses) == 3 and all(model == ref for model, ref in losses)
+    assert all(0 < r["sqnr_db"] < 40 for r in _inner_weights(rows))
 
 
 def test_gradient_fidelity_numbers_by_hand():

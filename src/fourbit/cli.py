@@ -214,7 +214,7 @@ def cmd_inspect(args) -> int:
         raise ValueError(f"--from takes each run's settings from its checkpoint; drop {', '.join(given)}")
     result = telemetry.inspect(
         args.task, names, args.steps, args.seed or 0, args.batch_size, args.train_limit, data_dir, out,
-        progress=not args.quiet, runs=args.runs,
+        progress=not args.quiet, runs=args.runs, reference=args.gradient_reference,
     )  # fmt: skip
     print(telemetry.format_report(result))
     atomic_write(out / "inspect.json", lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
@@ -364,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="runs", type=Path, metavar="DIR",
         help="a `fourbit compare --out` folder: record each recipe's next steps from "
         "DIR/RECIPE/checkpoint.pt (its weights, optimizer and place in the data), not the first ones",
+    )  # fmt: skip
+    p.add_argument(
+        "--gradient-reference", choices=["fp32", "own-forward"], default="fp32",
+        help="what the weight gradients are compared against: an fp32 copy of the model "
+        "(default), or the recipe's own forward with float32 gradients (the gradient "
+        "quantizers' error alone, as wanted near convergence)",
     )  # fmt: skip
     p.add_argument("--layer", help="the layer whose gradient histogram is drawn (default: a middle one)")
     p.add_argument("--out", type=Path, help="output directory (default: runs/inspect-TASK)")

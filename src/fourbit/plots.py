@@ -179,9 +179,10 @@ def plot_sqnr_bars(result: dict, path: str | Path) -> Path:
 
 
 def plot_gradient_fidelity(result: dict, path: str | Path) -> Path:
-    """From fourbit inspect: each weight matrix's (or kernel's) gradient against fp32's on
-    the same batch and weights, SQNR (dB) and cosine, one bar per recipe; in model order,
-    so the backward pass runs right to left."""
+    """From fourbit inspect: each weight matrix's (or kernel's) gradient against the
+    reference's (fp32's, or the recipe's own forward's with float32 gradients) on the same
+    batch and weights, SQNR (dB) and cosine, one bar per recipe; in model order, so the
+    backward pass runs right to left."""
     runs = result["recipes"]
     names: list[str] = []
     for r in runs.values():
@@ -191,7 +192,9 @@ def plot_gradient_fidelity(result: dict, path: str | Path) -> Path:
         series = {recipe: {g["name"]: g[key] for g in r["gradients"]} for recipe, r in runs.items()}
         _grouped_bars(ax, series, names)
         ax.set_ylabel(label)
-    title = f"{result['task']}: weight gradients against fp32 (same batch, same weights)"
+    own = result.get("gradient_reference") == "own-forward"
+    against = "each recipe's own forward with float32 gradients" if own else "fp32"
+    title = f"{result['task']}: weight gradients against {against} (same batch, same weights)"
     return _finish_bars(fig, axes, names, len(runs), title, path)
 
 

@@ -26,12 +26,14 @@ HIST_LOW to HIST_HIGH (the last bin closed), with the zeros, those below and abo
 Only layers with a quantized spec are seen: an fp32 layer calls the plain torch op.
 
 `gradients` (GradientFidelity) is the end-to-end view: per parameter tensor, the SQNR and
-cosine of the gradient the optimizer receives against the one an fp32 copy of the model
-computes on the same batch at the same weights.
+cosine of the gradient the optimizer receives against a reference gradient computed on the
+same batch at the same weights (GRADIENT_REFERENCES): an fp32 copy of the model's, or the
+recipe's own forward's with float32 gradients.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Iterable
@@ -50,6 +52,14 @@ from fourbit.nn.spec import OperandSpec
 from fourbit.train import RunConfig, _Run, _StopSignals, load_checkpoint, train_step
 
 POINTS = ("W", "B", "A", "G_dx", "G_dw")
+# what GradientFidelity compares the recipe's weight gradients against
+GRADIENT_REFERENCES = {
+    # the whole recipe's effect: early in training mostly the gradient quantizers'; near
+    # convergence the 4-bit forward's own gradient differs from fp32's by more than that
+    "fp32": "an fp32 copy of the model",
+    # the gradient quantizers' effect alone (with what each dX error adds on the way down)
+    "own-forward": "the recipe's own forward with float32 gradients",
+}
 HIST_LOW, HIST_HIGH, HIST_WIDTH = -40.0, 4.0, 0.25  # log2 |g| bins of grad_hist
 
 
@@ -267,27 +277,44 @@ class Recorder:
 # -- fourbit inspect ---------------------------------------------------------------------------
 
 
+def reference_model(model: nn.Module, task, reference: str) -> nn.Module:
+    """The model GradientFidelity runs beside `model` (converted, of `task`) as `reference`
+    (a GRADIENT_REFERENCES key) says."""
+    if reference == "fp32":
+        with torch.random.fork_rng(devices=[]):  # building a model draws init weights: not the run's RNG
+            return task.build_model()
+    if reference == "own-forward":
+        shadow = copy.deepcopy(model)
+        for state in shadow.modules():
+            if isinstance(state, QuantState):
+                state.unquantize_gradients()
+        return shadow
+    raise ValueError(f"unknown gradient reference {reference!r}; known: {', '.join(GRADIENT_REFERENCES)}")
+
+
 def inspect_recipe(
-    cfg: RunConfig, steps: int, out: Path, progress: bool = False, resume: bool = False
-) -> dict:
+    cfg: RunConfig, steps: int, out: Path, progress: bool = False, resume: bool = False,
+    reference: str = "fp32",
+) -> dict:  # fmt: skip
     """The first `steps` training steps of `fourbit train` with `cfg` (same model init, data
     order and augmentation), recorded; nothing is written. `resume`: the next `steps` steps
     of the run whose checkpoint is `out`/checkpoint.pt instead (its weights, optimizer and
-    place in the data order)."""
+    place in the data order). `reference`: what the weight gradients are compared against,
+    a GRADIENT_REFERENCES key."""
     t0 = time.perf_counter()
     run = _Run(cfg, out, progress=False, resume=resume)
     left = run.steps_per_epoch - run.pos.step
     if steps > left:
         raise ValueError(f"--steps {steps} exceeds the {left} steps left in the epoch")
     loader, aug = run.next_batches()
-    with torch.random.fork_rng(devices=[]):  # building the copy draws init weights: not the run's RNG
-        fidelity = GradientFidelity(run.model, run.task.build_model())
+    fidelity = GradientFidelity(run.model, reference_model(run.model, run.task, reference))
     run.model.train()
-    losses, skipped = [], 0
+    losses, reference_losses, skipped = [], [], 0
     with Recorder(run.model) as rec:
         for rec.step, batch in zip(range(steps), loader, strict=False):
             batch = run.task.augment(batch, aug)
             fidelity.reference(run.task, batch)
+            reference_losses.append(_finite_or_none(fidelity.reference_loss))
             loss, _, why = train_step(run.model, run.opt, run.sched, run.task, batch, run.guard)
             losses.append(_finite_or_none(loss))
             skipped += why is not None
@@ -302,6 +329,7 @@ def inspect_recipe(
         "steps": len(losses),
         "batch_size": run.cfg.batch_size,
         "losses": losses,
+        "reference_losses": reference_losses,  # the gradient reference's, on the same batches
         "skipped_steps": skipped,
         "wall_time_s": time.perf_counter() - t0,
         "layers": rec.layers(),
@@ -329,12 +357,16 @@ def inspect(
     out: Path = Path("."),
     progress: bool = False,
     runs: Path | None = None,
+    reference: str = "fp32",
 ) -> dict:
     """inspect_recipe for each recipe: the dict written to inspect.json. `runs`: a folder
     of `fourbit compare` (`runs`/RECIPE/checkpoint.pt): each recipe's next steps from its
-    checkpoint, under its own settings (seed, batch size, train limit), not the first ones."""
+    checkpoint, under its own settings (seed, batch size, train limit), not the first ones.
+    `reference`: what the weight gradients are compared against (GRADIENT_REFERENCES)."""
     if steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if reference not in GRADIENT_REFERENCES:
+        raise ValueError(f"unknown gradient reference {reference!r}; known: {', '.join(GRADIENT_REFERENCES)}")
     if runs is None:
         configs = [  # (test_limit 1: the test split is loaded by the run but not used)
             RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
@@ -354,27 +386,33 @@ def inspect(
         "train_limit": train_limit,
         "aggregation": "sums over every GEMM call of every step, pooled (per-step SQNR also given)",
         "runs": None if runs is None else str(runs),
+        "gradient_reference": reference,
         "recipes": {
-            c.recipe: inspect_recipe(c, steps, folder, progress, resume=runs is not None)
+            c.recipe: inspect_recipe(c, steps, folder, progress, resume=runs is not None, reference=reference)
             for c, folder in zip(configs, folders, strict=True)
         },
     }
 
 
-def _fidelity_line(rows: list[dict]) -> str:
+def _fidelity_line(rows: list[dict], reference: str) -> str:
     """The end-to-end gradient error in one line: median and worst over the weight matrices
-    and kernels (a bias or norm parameter whose fp32 gradient is ~0, e.g. a bias before a
-    BatchNorm, would make any error look like -100 dB)."""
+    and kernels (a bias or norm parameter whose reference gradient is ~0, e.g. a bias before
+    a BatchNorm, would make any error look like -100 dB)."""
     weights = [r for r in rows if r["ndim"] >= 2]
     finite = sorted((r for r in weights if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
+    against = f"gradients against {GRADIENT_REFERENCES[reference]}"
     if not finite:
-        return f"gradients against fp32: exact for all {len(weights)} weight tensors"
+        return f"{against}: exact for all {len(weights)} weight tensors"
     median = finite[len(finite) // 2]["sqnr_db"]
     worst = finite[0]
     return (
-        f"gradients against fp32 ({len(weights)} weight tensors): SQNR median {median:.1f} dB, "
+        f"{against} ({len(weights)} weight tensors): SQNR median {median:.1f} dB, "
         f"lowest {worst['sqnr_db']:.1f} dB ({worst['name']}, cosine {worst['cosine']:.3f})"
     )
+
+
+def _loss(value: float | None) -> str:
+    return "nan" if value is None else f"{value:.3f}"
 
 
 def format_report(result: dict) -> str:
@@ -383,9 +421,11 @@ def format_report(result: dict) -> str:
     for recipe, r in result["recipes"].items():
         lines.append(
             f"\n{result['task']} / {recipe}: {r['steps']} steps of batch {r['batch_size']}, "
-            f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['wall_time_s']:.1f} s"
+            f"loss {_loss(r['losses'][0])} -> {_loss(r['losses'][-1])} (the gradient reference's "
+            f"{_loss(r['reference_losses'][0])} -> {_loss(r['reference_losses'][-1])}), "
+            f"{r['wall_time_s']:.1f} s"
         )
-        lines.append(_fidelity_line(r.get("gradients", [])))
+        lines.append(_fidelity_line(r.get("gradients", []), result.get("gradient_reference", "fp32")))
         header = f"{'layer':<28}{'op':<6}{'format':<30}{'SQNR dB':>8}{'clip %':>8}{'flush %':>8}"
         header += f"{'bias %':>8}{'log2 s':>8}"
         lines += [header, "-" * len(header)]
@@ -401,16 +441,22 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-# -- fp32 shadows: a float32 copy of the model run on the same weights and batches -----------
+# -- shadows: a reference copy of the model run on the same weights and batches -------------
 
 
-def _shadow_pairs(model: nn.Module, fp32_model: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
+def _load_shared_state(shadow: nn.Module, model: nn.Module) -> None:
+    """Load into `shadow` the entries of the model's state it has: all of them for a copy of
+    the converted model; for an unconverted build (same names), all but the quantizers'."""
+    mine = shadow.state_dict()
+    shadow.load_state_dict({k: v for k, v in model.state_dict().items() if k in mine})
+
+
+def _shadow_pairs(model: nn.Module, shadow: nn.Module) -> list[tuple[nn.Parameter, nn.Parameter]]:
     """(shadow parameter, model parameter) by name, after loading the model's state into
-    `fp32_model` (an unconverted build of the same task model: same names, no PACT α)."""
-    theirs = model.state_dict()
-    fp32_model.load_state_dict({k: v for k, v in theirs.items() if k in fp32_model.state_dict()})
+    `shadow`."""
+    _load_shared_state(shadow, model)
     params = dict(model.named_parameters())
-    return [(p, params[n]) for n, p in fp32_model.named_parameters()]
+    return [(p, params[n]) for n, p in shadow.named_parameters()]
 
 
 def _copy_weights(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
@@ -421,28 +467,33 @@ def _copy_weights(pairs: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
 
 class GradientFidelity:
     """The end-to-end error of the recipe's weight gradients: before each recorded step,
-    `reference` runs an fp32 copy of `model` forward and backward on the same batch at the
-    same weights (dropout draws the same masks: it runs on a fork of the global RNG the
-    model's step then draws from); after the step, `compare` pools, per parameter tensor,
-    Σg_ref², Σ(g − g_ref)² and Σg·g_ref, where g is the gradient the optimizer used. Unlike
-    the per-operand SQNR this includes what every layer above adds on the way down (dX
-    errors) and the forward's effect on the gradient."""
+    `reference` loads the model's state into `shadow` (an fp32 copy of `model`, or one that
+    computes the model's forward with float32 gradients: GRADIENT_REFERENCES) and runs it
+    forward and backward on the same batch at the same weights (dropout draws the same
+    masks: it runs on a fork of the global RNG the model's step then draws from; a
+    stochastic forward quantizer, on the same generator state); after the step, `compare`
+    pools, per parameter tensor, Σg_ref², Σ(g − g_ref)² and Σg·g_ref, where g is the gradient
+    the optimizer used. Unlike the per-operand SQNR this includes what every layer above adds
+    on the way down (dX errors); against fp32, also the quantized forward's effect on the
+    gradient."""
 
-    def __init__(self, model: nn.Module, fp32_model: nn.Module):
-        self.shadow = fp32_model
-        self.pairs = _shadow_pairs(model, fp32_model)
-        self.names = [n for n, _ in fp32_model.named_parameters()]  # (the order of pairs)
+    def __init__(self, model: nn.Module, shadow: nn.Module):
+        self.model, self.shadow = model, shadow
+        self.pairs = _shadow_pairs(model, shadow)
+        self.names = [n for n, _ in shadow.named_parameters()]  # (the order of pairs)
         # per parameter: Σg_ref², Σ(g − g_ref)², Σg·g_ref, Σg²
         self.sums = {n: [0.0, 0.0, 0.0, 0.0] for n in self.names}
         self.reference_grads: list[Tensor | None] = []
+        self.reference_loss = math.nan
 
     def reference(self, task, batch) -> None:
-        _copy_weights(self.pairs)
+        _load_shared_state(self.shadow, self.model)
         self.shadow.train()
         self.shadow.zero_grad(set_to_none=True)
         with torch.random.fork_rng(devices=[]):
             loss, _ = task.loss(self.shadow, batch)
             loss.backward()
+        self.reference_loss = float(loss.detach())
         self.reference_grads = [p.grad for p, _ in self.pairs]
 
     def compare(self) -> None:

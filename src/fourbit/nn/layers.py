@@ -36,6 +36,12 @@ class QuantState(nn.Module):
         # "G_dx", "G_dw"; gradients times the GradScale value) and its quantized values q
         self.observer = None
 
+    def unquantize_gradients(self) -> None:
+        """From here on the same forward with float32 gradients (LayerSpec.float32_gradients);
+        GradScale keeps its state (the buffers a state_dict carries) but no longer adapts."""
+        self.spec = self.spec.float32_gradients()
+        self.gradscale.rule = "none"
+
     def take_generator(self) -> torch.Generator | None:
         """A generator at this layer's RNG state (None when nothing is random)."""
         if not self.spec.stochastic:

@@ -159,6 +159,14 @@ class LayerSpec:
         ops = (self.weight, self.activation, self.grad_dx, self.grad_dw)
         return self.hadamard_dw or any(op.stochastic for op in ops)
 
+    def float32_gradients(self) -> LayerSpec:
+        """This layer's forward with its gradients left unquantized: one float32 gradient into
+        both backward GEMMs, no Hadamard turn, a GradScale that no longer adapts (what it
+        multiplies, it divides back: exact in float32 for a power of two). The reference that
+        isolates what the gradient quantizer does from what the quantized forward does."""
+        return dataclasses.replace(self, grad_dx=FP32, grad_dw=FP32, tpr=False, gradscale="none",
+                                   hadamard_dw=False)  # fmt: skip
+
     def phases(self) -> tuple[int, int]:
         """(phase for the dX gradient, phase for the dW gradient)."""
         return (self.dx_phase, self.dw_phase) if self.tpr else (0, 0)
