@@ -427,3 +427,12 @@ def test_gradient_fidelity_numbers_by_hand():
     assert row["name"] == "weight" and row["ndim"] == 2
     assert row["sqnr_db"] == pytest.approx(10 * math.log10(25 / 16))
     assert row["cosine"] == pytest.approx(9 / 15)
+
+    model.weight.grad, ref_model.weight.grad = torch.tensor([[1.0, 0.0]]), None
+    fidelity = telemetry.GradientFidelity(model, ref_model)  # a reference gradient of exactly 0
+    fidelity.reference_grads = [torch.zeros(1, 2)]
+    fidelity.compare()
+    (row,) = fidelity.summary()
+    assert row["sqnr_db"] is None and row["cosine"] is None  # null cosine: not "exact"
+    line = telemetry._fidelity_line([row], "fp32")
+    assert line.endswith("exact for 0 of 1 weight tensors; 1 with a zero reference gradient")

@@ -400,14 +400,17 @@ def _fidelity_line(rows: list[dict], reference: str) -> str:
     a BatchNorm, would make any error look like -100 dB)."""
     weights = [r for r in rows if r["ndim"] >= 2]
     finite = sorted((r for r in weights if r["sqnr_db"] is not None), key=lambda r: r["sqnr_db"])
+    zero_reference = sum(r["sqnr_db"] is None and r["cosine"] is None for r in weights)
     against = f"gradients against {GRADIENT_REFERENCES[reference]}"
+    also = f"; {zero_reference} with a zero reference gradient" if zero_reference else ""
     if not finite:
-        return f"{against}: exact for all {len(weights)} weight tensors"
+        exact = len(weights) - zero_reference
+        return f"{against}: exact for {exact} of {len(weights)} weight tensors{also}"
     median = finite[len(finite) // 2]["sqnr_db"]
     worst = finite[0]
     return (
         f"{against} ({len(weights)} weight tensors): SQNR median {median:.1f} dB, "
-        f"lowest {worst['sqnr_db']:.1f} dB ({worst['name']}, cosine {worst['cosine']:.3f})"
+        f"lowest {worst['sqnr_db']:.1f} dB ({worst['name']}, cosine {worst['cosine']:.3f}){also}"
     )
 
 
@@ -508,7 +511,9 @@ class GradientFidelity:
             s[3] += float(g.square().sum())
 
     def summary(self) -> list[dict]:
-        """Per parameter tensor: sqnr_db of its gradient against fp32's, and their cosine."""
+        """Per parameter tensor: sqnr_db of its gradient against the reference's, and their
+        cosine. sqnr_db null: no error (cosine 1), or a reference gradient of exactly 0 (cosine
+        null: the recipe's gradient is not, e.g. a PACT clip nothing reached in the reference)."""
         rows = []
         ndims = dict(zip(self.names, (p.ndim for p, _ in self.pairs), strict=True))
         for name, (ref2, err2, dot, g2) in self.sums.items():
@@ -520,7 +525,7 @@ class GradientFidelity:
                     "name": name,
                     "ndim": ndims[name],
                     "sqnr_db": sqnr_db(ref2, err2),
-                    "cosine": _finite_or_none(cosine),
+                    "cosine": None if cosine is None else _finite_or_none(cosine),
                 }
             )
         return rows
