@@ -387,6 +387,11 @@ def test_own_forward_reference_is_exact_where_gradients_are_not_quantized():
     assert fp32 and all(r["sqnr_db"] < 30 for r in fp32)
 
 
+def test_an_unknown_gradient_reference_is_named_before_anything_runs():
+    with pytest.raises(ValueError, match="unknown gradient reference 'fp64'; known: fp32, own-forward"):
+        telemetry.inspect("fashion-resnet20", ["ibm4"], data_dir="/nonexistent", reference="fp64")
+
+
 def test_own_forward_reference_isolates_the_gradient_quantizer():
     """ibm4's 4-bit forward with fp16 gradients: against fp32 the forward's effect dominates;
     against its own forward only fp16's rounding of the gradients is left (far smaller)."""

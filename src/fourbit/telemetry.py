@@ -277,19 +277,23 @@ class Recorder:
 # -- fourbit inspect ---------------------------------------------------------------------------
 
 
+def _check_reference(reference: str) -> None:
+    if reference not in GRADIENT_REFERENCES:
+        raise ValueError(f"unknown gradient reference {reference!r}; known: {', '.join(GRADIENT_REFERENCES)}")
+
+
 def reference_model(model: nn.Module, task, reference: str) -> nn.Module:
     """The model GradientFidelity runs beside `model` (converted, of `task`) as `reference`
     (a GRADIENT_REFERENCES key) says."""
+    _check_reference(reference)
     if reference == "fp32":
         with torch.random.fork_rng(devices=[]):  # building a model draws init weights: not the run's RNG
             return task.build_model()
-    if reference == "own-forward":
-        shadow = copy.deepcopy(model)
-        for state in shadow.modules():
-            if isinstance(state, QuantState):
-                state.unquantize_gradients()
-        return shadow
-    raise ValueError(f"unknown gradient reference {reference!r}; known: {', '.join(GRADIENT_REFERENCES)}")
+    shadow = copy.deepcopy(model)  # own-forward
+    for state in shadow.modules():
+        if isinstance(state, QuantState):
+            state.unquantize_gradients()
+    return shadow
 
 
 def inspect_recipe(
@@ -365,8 +369,7 @@ def inspect(
     `reference`: what the weight gradients are compared against (GRADIENT_REFERENCES)."""
     if steps < 1:
         raise ValueError(f"steps must be a positive integer; got {steps!r}")
-    if reference not in GRADIENT_REFERENCES:
-        raise ValueError(f"unknown gradient reference {reference!r}; known: {', '.join(GRADIENT_REFERENCES)}")
+    _check_reference(reference)  # before any recipe runs
     if runs is None:
         configs = [  # (test_limit 1: the test split is loaded by the run but not used)
             RunConfig(task, r, seed=seed, batch_size=batch_size, train_limit=train_limit, test_limit=1,
