@@ -365,6 +365,9 @@ def test_gradient_fidelity_measures_ibm4s_error():
     rows = _fidelity("ibm4", dropout=0.0)
     inner = _inner_weights(rows)
     assert inner and all(0 < r["sqnr_db"] < 40 and 0 < r["cosine"] < 1 for r in inner)
+    linears = [r for r in inner if r["ndim"] == 2]  # (the norms have no coherence)
+    assert linears and all(1 < r["coherence"] < 4 * 6 for r in linears)  # 4 sentences of 6 tokens
+    assert rows["embed.weight"]["coherence"] is None  # shared with the output projection
 
 
 # a 4-bit forward whose weights round stochastically (drawing from the layer's generator)
@@ -385,6 +388,30 @@ def test_own_forward_reference_is_exact_where_gradients_are_not_quantized():
     assert any(".pact_a." in name for name in own)  # the clips' gradients too
     fp32 = _inner_weights(_fidelity(W4A4_FP32_GRADS, dropout=0.3, reference="fp32", steps=3))
     assert fp32 and all(r["sqnr_db"] < 30 for r in fp32)
+
+
+@pytest.mark.parametrize(
+    "rows, coherence",
+    [([[1.0, 0.0], [2.0, 0.0]], (1 + 2) ** 2 / (1 + 4)), ([[1.0, 0.0], [0.0, 2.0]], 1.0)],
+    ids=["aligned", "orthogonal"],
+)
+def test_gradient_coherence_by_hand(rows, coherence):
+    """Two rows x_t, each with output gradient g_t = 1: dW = Σ_t x_t, and the coherence
+    ‖dW‖² / Σ_t ‖x_t‖²: (1+2)² / (1+4) for parallel rows, 1 for orthogonal ones. Only the
+    reference's Linear weights get one."""
+    ref_model, model = nn.Linear(2, 1, bias=True), nn.Linear(2, 1, bias=True)
+
+    class Task:
+        def loss(self, m, batch):
+            return m(torch.tensor(rows)).sum(), 2
+
+    fidelity = telemetry.GradientFidelity(model, ref_model)
+    fidelity.reference(Task(), None)
+    Task().loss(model, None)[0].backward()
+    fidelity.compare()
+    got = {row["name"]: row for row in fidelity.summary()}
+    assert got["weight"]["coherence"] == pytest.approx(coherence)
+    assert got["bias"]["coherence"] is None
 
 
 def test_an_unknown_gradient_reference_is_named_before_anything_runs():

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,21 +482,50 @@ class GradientFidelity:
     pools, per parameter tensor, Σg_ref², Σ(g − g_ref)² and Σg·g_ref, where g is the gradient
     the optimizer used. Unlike the per-operand SQNR this includes what every layer above adds
     on the way down (dX errors); against fp32, also the quantized forward's effect on the
-    gradient."""
+    gradient.
+
+    For the weight of each Linear (its only user), also the `coherence` of the reference
+    gradient dW = Σ_t g_t x_tᵀ over the rows t (tokens, examples) of the layer's input x and
+    output gradient g: ‖dW‖² / Σ_t ‖x_t‖²‖g_t‖², with x as the layer receives it (before its
+    quantizer). 1 when the rows' terms add like independent noise, as rounding errors do;
+    up to the number of rows when they all point one way. It is the factor by which the sum
+    lifts the true gradient over errors that do not add up."""
 
     def __init__(self, model: nn.Module, shadow: nn.Module):
         self.model, self.shadow = model, shadow
         self.pairs = _shadow_pairs(model, shadow)
         self.names = [n for n, _ in shadow.named_parameters()]  # (the order of pairs)
-        # per parameter: Σg_ref², Σ(g − g_ref)², Σg·g_ref, Σg²
-        self.sums = {n: [0.0, 0.0, 0.0, 0.0] for n in self.names}
+        # per parameter: Σg_ref², Σ(g − g_ref)², Σg·g_ref, Σg², Σ_t ‖x_t‖²‖g_t‖² (Linear weights)
+        self.sums = {n: [0.0, 0.0, 0.0, 0.0, 0.0] for n in self.names}
         self.reference_grads: list[Tensor | None] = []
         self.reference_loss = math.nan
+        self.row_terms: dict[str, float] = {}  # this step's Σ_t ‖x_t‖²‖g_t‖², per Linear weight
+        name_of = {id(p): n for n, p in shadow.named_parameters()}
+        users = Counter(id(p) for m in shadow.modules() for p in m.parameters(recurse=False))
+        for module in shadow.modules():
+            if isinstance(module, nn.Linear) and users[id(module.weight)] == 1:
+                module.register_forward_hook(self._row_terms_hook(name_of[id(module.weight)]))
+
+    def _row_terms_hook(self, name: str):
+        def forward_hook(module, inputs, output):
+            if not output.requires_grad:
+                return
+            x = inputs[0].detach()
+
+            def on_output_grad(g):
+                x2 = x.reshape(-1, x.shape[-1]).double().square().sum(1)
+                g2 = g.reshape(-1, g.shape[-1]).double().square().sum(1)
+                self.row_terms[name] = self.row_terms.get(name, 0.0) + float((x2 * g2).sum())
+
+            output.register_hook(on_output_grad)
+
+        return forward_hook
 
     def reference(self, task, batch) -> None:
         _load_shared_state(self.shadow, self.model)
         self.shadow.train()
         self.shadow.zero_grad(set_to_none=True)
+        self.row_terms = {}
         with torch.random.fork_rng(devices=[]):
             loss, _ = task.loss(self.shadow, batch)
             loss.backward()
@@ -512,14 +542,16 @@ class GradientFidelity:
             s[1] += float((g - r).square().sum())
             s[2] += float((g * r).sum())
             s[3] += float(g.square().sum())
+            s[4] += self.row_terms.get(name, 0.0)
 
     def summary(self) -> list[dict]:
         """Per parameter tensor: sqnr_db of its gradient against the reference's, and their
         cosine. sqnr_db null: no error (cosine 1), or a reference gradient of exactly 0 (cosine
-        null: the recipe's gradient is not, e.g. a PACT clip nothing reached in the reference)."""
+        null: the recipe's gradient is not, e.g. a PACT clip nothing reached in the reference).
+        coherence: Linear weights only, else null."""
         rows = []
         ndims = dict(zip(self.names, (p.ndim for p, _ in self.pairs), strict=True))
-        for name, (ref2, err2, dot, g2) in self.sums.items():
+        for name, (ref2, err2, dot, g2, row_terms) in self.sums.items():
             if ref2 == 0 and g2 == 0:
                 continue  # no gradient reached it (e.g. an unused parameter)
             cosine = dot / math.sqrt(ref2 * g2) if ref2 > 0 and g2 > 0 else None
@@ -529,6 +561,7 @@ class GradientFidelity:
                     "ndim": ndims[name],
                     "sqnr_db": sqnr_db(ref2, err2),
                     "cosine": None if cosine is None else _finite_or_none(cosine),
+                    "coherence": ref2 / row_terms if row_terms > 0 else None,
                 }
             )
         return rows
