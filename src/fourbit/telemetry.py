@@ -487,9 +487,10 @@ class GradientFidelity:
     For the weight of each Linear (its only user), also the `coherence` of the reference
     gradient dW = Σ_t g_t x_tᵀ over the rows t (tokens, examples) of the layer's input x and
     output gradient g: ‖dW‖² / Σ_t ‖x_t‖²‖g_t‖², with x as the layer receives it (before its
-    quantizer). 1 when the rows' terms add like independent noise, as rounding errors do;
-    up to the number of rows when they all point one way. It is the factor by which the sum
-    lifts the true gradient over errors that do not add up."""
+    quantizer). 1 when the rows' terms add like independent noise, as rounding errors do
+    (below 1 when they cancel more than that); up to the number of rows when they all point
+    one way. It is the factor by which the sum lifts the true gradient over errors that do
+    not add up."""
 
     def __init__(self, model: nn.Module, shadow: nn.Module):
         self.model, self.shadow = model, shadow
