@@ -414,6 +414,45 @@ def test_gradient_coherence_by_hand(rows, coherence):
     assert got["bias"]["coherence"] is None
 
 
+def _dw_coherence(grad_spec, rows):
+    """A QLinear under a 4-bit forward and `grad_spec` gradients, `rows` rows, recorded."""
+    spec = dataclasses.replace(
+        W4A4_FP32_GRADS.default, grad_dx=grad_spec, grad_dw=grad_spec, gradscale="current"
+    )
+    layer = QLinear(32, 32, spec=spec, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(rows, 32, generator=gen), torch.randn(rows, 32, generator=gen)
+    return x, dy, layer
+
+
+def test_dw_coherence_of_identical_rows_is_their_number():
+    """Every row the same: the gradient's terms and their rounding errors (nearest) all point
+    one way, so both coherences are the number of rows."""
+    x, dy, layer = _dw_coherence(OperandSpec("fp4_radix4"), 1)
+    with telemetry.Recorder(layer) as rec:
+        layer(x.expand(16, 32)).backward(dy.expand(16, 32))
+    (probe,) = rec.layers()
+    assert probe["dw_coherence"]["gradient"] == pytest.approx(16)
+    assert probe["dw_coherence"]["error"] == pytest.approx(16)
+
+
+@pytest.mark.parametrize("grad_spec", [LUQ_GRAD, OperandSpec("fp4_radix4")], ids=["stochastic", "nearest"])
+def test_dw_coherence_of_stochastic_rounding_errors_is_near_1(grad_spec):
+    """Stochastic rounding's errors are independent from row to row: coherence ~1, where the
+    rows of a gradient with a common direction add up (here a shared mean of dY). Rounded to
+    nearest, the errors of similar values are alike and add up too."""
+    x, dy, layer = _dw_coherence(grad_spec, 512)
+    with telemetry.Recorder(layer) as rec:
+        for rec.step in range(2):  # two steps, pooled: 2 x 32 x 32 sums of 512 terms
+            layer(x + 1.0).backward(dy + 1.0)
+    (probe,) = rec.layers()
+    assert probe["dw_coherence"]["gradient"] > 50
+    if grad_spec.rounding == "stochastic":
+        assert 0.9 < probe["dw_coherence"]["error"] < 1.1
+    else:
+        assert probe["dw_coherence"]["error"] > 3
+
+
 def test_an_unknown_gradient_reference_is_named_before_anything_runs():
     with pytest.raises(ValueError, match="unknown gradient reference 'fp64'; known: fp32, own-forward"):
         telemetry.inspect("fashion-resnet20", ["ibm4"], data_dir="/nonexistent", reference="fp64")

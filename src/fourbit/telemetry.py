@@ -171,12 +171,28 @@ def _ops(module: nn.Module) -> GemmOps:
     return conv_ops(module._dims, module.stride, module.padding, module.dilation, module.groups, kernel)
 
 
+def _row_sums(x: Tensor, g: Tensor) -> tuple[float, float]:
+    """(‖Σ_t g_t x_tᵀ‖², Σ_t ‖g_t‖²‖x_t‖²) over the rows t of x [..., in] and g [..., out]."""
+    x2d, g2d = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+    total = float((g2d.T @ x2d).square().sum())
+    return total, float((x2d.square().sum(1) * g2d.square().sum(1)).sum())
+
+
 class LayerProbe:
-    """The observer of one QuantState: adds each operand it is shown to its stats."""
+    """The observer of one QuantState: adds each operand it is shown to its stats.
+
+    For a QLinear (no Hadamard turn), also the coherence over the rows t of the dW GEMM's sum
+    Σ_t x_t g_tᵀ (see GradientFidelity), with x the layer's input before quantization: of the
+    gradient g = s·dY it is given, and of its rounding error g = Q(s·dY) − s·dY. An error whose
+    coherence is 1 adds up like noise; above 1 it adds up as the gradient does."""
 
     def __init__(self, name: str, kind: str, state: QuantState, ops: GemmOps, recorder: Recorder):
         self.name, self.kind, self.state, self.ops, self.recorder = name, kind, state, ops, recorder
         self.stats: dict[str, OperandStats] = {}
+        self.dw_coherence = kind == "QLinear" and not state.spec.hadamard_dw
+        self.inputs: list[Tensor] = []  # the inputs of this step's forwards, popped by their backwards
+        self.inputs_step = -1
+        self.coherence_sums = [0.0, 0.0, 0.0, 0.0]  # gradient ‖Σ‖², Σ‖·‖²; error ‖Σ‖², Σ‖·‖²
         bins = round((HIST_HIGH - HIST_LOW) / HIST_WIDTH)
         self.hist = torch.zeros(bins, dtype=torch.int64)
         self.hist_zero = self.hist_below = self.hist_above = 0
@@ -203,6 +219,20 @@ class LayerProbe:
                 stats.gradscales.append(gradscale)
             if point == "G_dx":
                 self._histogram(x)
+            if self.dw_coherence:
+                self._coherence(point, x, q)
+
+    def _coherence(self, point: str, x: Tensor, q: Tensor) -> None:
+        if self.inputs_step != self.recorder.step:  # (a forward with no backward left one behind)
+            self.inputs, self.inputs_step = [], self.recorder.step
+        if point == "A":
+            self.inputs.append(x.detach())
+        elif point == "G_dw" and self.inputs:  # backwards run in the reverse order of forwards
+            a = self.inputs.pop()
+            for k, g in ((0, x), (2, q - x)):
+                num, den = _row_sums(a, g.detach())
+                self.coherence_sums[k] += num
+                self.coherence_sums[k + 1] += den
 
     def _histogram(self, g: Tensor) -> None:
         a = g.detach().reshape(-1).abs()
@@ -226,6 +256,12 @@ class LayerProbe:
                 p: {"format": described[p], **self.stats[p].summary()} for p in POINTS if p in self.stats
             },
         }
+        gradient2, gradient_rows, error2, error_rows = self.coherence_sums
+        if gradient_rows > 0:
+            out["dw_coherence"] = {
+                "gradient": gradient2 / gradient_rows,
+                "error": error2 / error_rows if error_rows > 0 else None,  # (None: no error at all)
+            }
         if "G_dx" in self.stats:
             out["grad_hist"] = {
                 "log2_low": HIST_LOW,
@@ -513,10 +549,8 @@ class GradientFidelity:
                 return
             x = inputs[0].detach()
 
-            def on_output_grad(g):
-                x2 = x.reshape(-1, x.shape[-1]).double().square().sum(1)
-                g2 = g.reshape(-1, g.shape[-1]).double().square().sum(1)
-                self.row_terms[name] = self.row_terms.get(name, 0.0) + float((x2 * g2).sum())
+            def on_output_grad(g):  # (‖dW‖² itself comes from the parameter's gradient)
+                self.row_terms[name] = self.row_terms.get(name, 0.0) + _row_sums(x, g)[1]
 
             output.register_hook(on_output_grad)
 
