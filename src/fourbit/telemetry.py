@@ -171,11 +171,20 @@ def _ops(module: nn.Module) -> GemmOps:
     return conv_ops(module._dims, module.stride, module.padding, module.dilation, module.groups, kernel)
 
 
+def _rows(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    return x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
+
+
+def _row_terms(x: Tensor, g: Tensor) -> float:
+    """Σ_t ‖g_t‖²‖x_t‖² over the rows t of x [..., in] and g [..., out]."""
+    x2d, g2d = _rows(x, g)
+    return float((x2d.square().sum(1) * g2d.square().sum(1)).sum())
+
+
 def _row_sums(x: Tensor, g: Tensor) -> tuple[float, float]:
     """(‖Σ_t g_t x_tᵀ‖², Σ_t ‖g_t‖²‖x_t‖²) over the rows t of x [..., in] and g [..., out]."""
-    x2d, g2d = x.reshape(-1, x.shape[-1]).double(), g.reshape(-1, g.shape[-1]).double()
-    total = float((g2d.T @ x2d).square().sum())
-    return total, float((x2d.square().sum(1) * g2d.square().sum(1)).sum())
+    x2d, g2d = _rows(x, g)
+    return float((g2d.T @ x2d).square().sum()), _row_terms(x2d, g2d)
 
 
 class LayerProbe:
@@ -550,7 +559,7 @@ class GradientFidelity:
             x = inputs[0].detach()
 
             def on_output_grad(g):  # (‖dW‖² itself comes from the parameter's gradient)
-                self.row_terms[name] = self.row_terms.get(name, 0.0) + _row_sums(x, g)[1]
+                self.row_terms[name] = self.row_terms.get(name, 0.0) + _row_terms(x, g)
 
             output.register_hook(on_output_grad)
 
