@@ -310,6 +310,15 @@ _PRESETS = [
         gradscale="none",
     ),
     _ibm4_variant(
+        "ibm4-sawb-nvfp4grad",
+        "ibm4-nvfp4grad with every activation on a SAWB scale fitted every step instead of a "
+        "PACT clip (luq4's INT4 forward): whether the clip is what the 4-bit forward costs",
+        activation=OperandSpec("int4", "sawb"),
+        **_gradients(NV_GRAD),
+        tpr=False,
+        gradscale="none",
+    ),
+    _ibm4_variant(
         "ibm4-fp16fwd",
         "diagnostic: fp16 weights and activations with ibm4's 4-bit gradients (the other half)",
         weight=OperandSpec("fp16"),
