@@ -211,6 +211,9 @@ FP16_GRADIENTS = dict(_gradients("fp16"), tpr=False, gradscale="current", gradsc
 LUQ_GRAD = OperandSpec("fp4_radix2", rounding="stochastic", underflow="stochastic")
 MX = OperandSpec("mxfp4")
 NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
+# NVFP4 gradients into both backward GEMMs: the blocks carry the scale, so no GradScale, no TPR
+NV_GRADIENTS = dict(_gradients(NV_GRAD), tpr=False, gradscale="none")
+SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step, not a PACT clip
 
 _PRESETS = [
     Recipe("fp32", description="float32 everywhere: the baseline"),
@@ -252,13 +255,13 @@ _PRESETS = [
         "ibm4-lstm-sawb",
         "ibm4 with the LSTM gate GEMMs' inputs (x and h) on a SAWB scale fitted every "
         "step instead of a PACT clip",
-        roles={"lstm": dataclasses.replace(IBM4_LAYER, activation=OperandSpec("int4", "sawb"))},
+        roles={"lstm": dataclasses.replace(IBM4_LAYER, activation=SAWB_ACTIVATION)},
     ),
     _ibm4_variant(
         "ibm4-sawb",
         "ibm4 with every activation on a SAWB scale fitted every step (as the weights) instead "
         "of a PACT clip",
-        activation=OperandSpec("int4", "sawb"),
+        activation=SAWB_ACTIVATION,
     ),
     _ibm4_variant(
         "ibm4-gradsr",
@@ -305,18 +308,14 @@ _PRESETS = [
         "ibm4-nvfp4grad",
         "ibm4's INT4 forward with NVFP4 gradients (e2m1 in blocks of 16 with fp8 scales, "
         "stochastic rounding) into both backward GEMMs; the blocks carry the scale, no GradScale",
-        **_gradients(NV_GRAD),
-        tpr=False,
-        gradscale="none",
+        **NV_GRADIENTS,
     ),
     _ibm4_variant(
         "ibm4-sawb-nvfp4grad",
         "ibm4-nvfp4grad with every activation on a SAWB scale fitted every step instead of a "
         "PACT clip (luq4's INT4 forward): whether the clip is what the 4-bit forward costs",
-        activation=OperandSpec("int4", "sawb"),
-        **_gradients(NV_GRAD),
-        tpr=False,
-        gradscale="none",
+        activation=SAWB_ACTIVATION,
+        **NV_GRADIENTS,
     ),
     _ibm4_variant(
         "ibm4-fp16fwd",
@@ -333,7 +332,7 @@ _PRESETS = [
     Recipe(
         "luq4",
         LayerSpec(
-            OperandSpec("int4", "sawb"), OperandSpec("int4", "sawb"), LUQ_GRAD, LUQ_GRAD, gradscale="current"
+            OperandSpec("int4", "sawb"), SAWB_ACTIVATION, LUQ_GRAD, LUQ_GRAD, gradscale="current"
         ),
         first=FP16_LAYER,
         last=FP16_LAYER,
