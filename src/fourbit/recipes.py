@@ -331,9 +331,7 @@ _PRESETS = [
     ),
     Recipe(
         "luq4",
-        LayerSpec(
-            OperandSpec("int4", "sawb"), SAWB_ACTIVATION, LUQ_GRAD, LUQ_GRAD, gradscale="current"
-        ),
+        LayerSpec(OperandSpec("int4", "sawb"), SAWB_ACTIVATION, LUQ_GRAD, LUQ_GRAD, gradscale="current"),
         first=FP16_LAYER,
         last=FP16_LAYER,
         description="LUQ (Chmiel et al. 2023): INT4 SAWB, radix-2 FP4 gradients, "
