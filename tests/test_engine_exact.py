@@ -280,7 +280,7 @@ def test_recipe_presets_are_the_spec_table():
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
-        "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-fp16fwd",
+        "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -354,6 +354,10 @@ def test_recipe_presets_are_the_spec_table():
     sawb_nvgrad = recipes.get("ibm4-sawb-nvfp4grad")
     assert sawb_nvgrad.default == dataclasses.replace(nvgrad, activation=sawb.default.activation)
     assert sawb_nvgrad.spec_for("last") == ibm4.spec_for("last")
+    assert sawb_nvgrad.spec_for("attention_probs") == sawb_nvgrad.default  # via matmul's spec
+    nvprobs = recipes.get("ibm4-sawb-nvfp4grad-nvprobs")
+    assert nvprobs.default == nvprobs.spec_for("matmul") == sawb_nvgrad.default
+    assert nvprobs.spec_for("attention_probs") == dataclasses.replace(nvgrad, activation=OperandSpec("nvfp4"))
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default
     assert (fwd.weight, fwd.activation, fwd.grad_dx, fwd.tpr) == (FP16, FP16, ibm4.default.grad_dx, True)
     assert (grad.weight, grad.activation, grad.grad_dw) == (
@@ -363,7 +367,7 @@ def test_recipe_presets_are_the_spec_table():
     )
     matmul = recipes.get("ibm4-matmul-fp16grad")
     assert matmul.default == ibm4.default and matmul.spec_for("first") == ibm4.spec_for("first")
-    assert matmul.spec_for("matmul") == grad
+    assert matmul.spec_for("matmul") == matmul.spec_for("attention_probs") == grad
     assert recipes.get("all4").spec_for("first").activation.format == "uint4"
     luq = recipes.get("luq4").default.grad_dx
     assert (luq.format, luq.rounding, luq.underflow) == ("fp4_radix2", "stochastic", "stochastic")

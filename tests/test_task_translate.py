@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from fourbit import tasks
+from fourbit import recipes, tasks
 from fourbit.convert import convert
 from fourbit.nn import QLinear, QMatmul
 from fourbit.tasks.bpe import BPE, EOS, UNK
@@ -260,6 +260,27 @@ def test_attention_matmuls_are_quantized_by_convert():
     assert linears and all(isinstance(m, QLinear) and not m.quant.spec.is_fp32 for m in linears)
     assert model.project.weight is model.embed.weight  # the tie survives conversion
     assert model(src, tgt).shape == (3, 5, 200)
+
+
+def test_attention_probabilities_get_their_own_role():
+    """The p·v matmuls take the recipe's attention_probs spec, the q·kᵀ ones its matmul spec."""
+    task = TranslateTransformer(vocab_size=200, dim=32, layers=(1, 1), heads=4, hidden=64)
+    model = task.build_model()
+    src, tgt = torch.randint(4, 200, (2, 6)), torch.randint(4, 200, (2, 5))
+    recipe = recipes.get("ibm4-sawb-nvfp4grad-nvprobs")
+    convert(model, recipe, example_input=(src, tgt), verbose=False)
+    specs = {n: m.quant.spec for n, m in model.named_modules() if isinstance(m, QMatmul)}
+    assert (
+        sorted(n.rpartition(".")[2] for n, s in specs.items() if s == recipe.spec_for("attention_probs"))
+        == ["mix"] * 3
+    )
+    assert (
+        sorted(n.rpartition(".")[2] for n, s in specs.items() if s == recipe.spec_for("matmul"))
+        == ["scores"] * 3
+    )
+    assert recipe.spec_for("attention_probs").activation.format == "nvfp4"
+    model(src, tgt).sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "ibm4"])

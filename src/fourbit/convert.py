@@ -75,7 +75,7 @@ def _role(name: str, module: nn.Module, first: str | None, last: str | None) -> 
     if name == last:
         return "last"
     if isinstance(module, QMatmul):
-        return "matmul"
+        return "attention_probs" if module.probabilities else "matmul"
     if isinstance(module, nn.LSTM):
         return "lstm"
     if isinstance(module, nn.Conv1d | nn.Conv2d):

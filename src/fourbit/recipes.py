@@ -7,7 +7,9 @@
     >>> r.spec_for("first")          # the first layer stays in fp16
 
 Roles: `default`, `first`, `last`, `pointwise_conv` (1×1), `depthwise`, `matmul`
-(attention), `lstm` (gate GEMMs). A role left at None uses `default`.
+(attention), `attention_probs` (the attention matmul whose first operand is softmax
+probabilities, `QMatmul(probabilities=True)`), `lstm` (gate GEMMs). A role left at None
+uses `default`; `attention_probs` left at None uses `matmul`'s spec.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pathlib import Path
 from fourbit.io import atomic_write
 from fourbit.nn.spec import FP32_LAYER, LayerSpec, OperandSpec
 
-ROLES = ("default", "first", "last", "pointwise_conv", "depthwise", "matmul", "lstm")
+ROLES = ("default", "first", "last", "pointwise_conv", "depthwise", "matmul", "attention_probs", "lstm")
+# a role left at None takes its fallback's spec (`default` for any role not named here)
+FALLBACK = {"attention_probs": "matmul"}
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Recipe:
     pointwise_conv: LayerSpec | None = None
     depthwise: LayerSpec | None = None
     matmul: LayerSpec | None = None
+    attention_probs: LayerSpec | None = None
     lstm: LayerSpec | None = None
     overrides: tuple[tuple[str, str], ...] = ()
     description: str = ""
@@ -55,7 +60,9 @@ class Recipe:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
         spec = getattr(self, role)
-        return self.default if spec is None else spec
+        if spec is not None:
+            return spec
+        return self.spec_for(FALLBACK[role]) if role in FALLBACK else self.default
 
     # -- TOML ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -314,6 +321,18 @@ _PRESETS = [
         "ibm4-sawb-nvfp4grad",
         "ibm4-nvfp4grad with every activation on a SAWB scale fitted every step instead of a "
         "PACT clip (luq4's INT4 forward): whether the clip is what the 4-bit forward costs",
+        activation=SAWB_ACTIVATION,
+        **NV_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-sawb-nvfp4grad-nvprobs",
+        "ibm4-sawb-nvfp4grad with the attention probabilities and values in NVFP4 (blocks of 16 "
+        "keys, each with its own fp8 scale): one INT4 scale per tensor flushes most probabilities",
+        roles={
+            "attention_probs": dataclasses.replace(
+                IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS
+            )
+        },
         activation=SAWB_ACTIVATION,
         **NV_GRADIENTS,
     ),

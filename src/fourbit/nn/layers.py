@@ -171,13 +171,20 @@ class QMatmul(nn.Module):
     """`a @ b` where both operands are activations (attention scores, attention × values).
 
     Models put a QMatmul where they multiply two activations; `convert` gives it a spec.
+    `probabilities=True` marks `a` as attention probabilities (softmax × values), which
+    convert gives the recipe's `attention_probs` role: their spread of magnitudes suits
+    another grid than the queries' and keys'.
     """
 
-    def __init__(self, spec: LayerSpec = FP32_LAYER, seed: int = 0):
+    def __init__(self, spec: LayerSpec = FP32_LAYER, seed: int = 0, probabilities: bool = False):
         super().__init__()
+        self.probabilities = probabilities
         self.quant = QuantState(spec, seed, two_activations=True)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if self.quant.spec.is_fp32:
             return torch.matmul(a, b)
         return self.quant.gemm(a, b, matmul_ops())
+
+    def extra_repr(self) -> str:
+        return "probabilities=True" if self.probabilities else ""

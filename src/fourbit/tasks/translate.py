@@ -372,7 +372,7 @@ class Attention(nn.Module):
             self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
         self.scores = QMatmul()
-        self.mix = QMatmul()
+        self.mix = QMatmul(probabilities=True)
         self.dropout = nn.Dropout(dropout)
 
     def _heads(self, x: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, D/H]
