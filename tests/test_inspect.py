@@ -507,3 +507,51 @@ def test_gradient_fidelity_numbers_by_hand():
     assert row["sqnr_db"] is None and row["cosine"] is None  # null cosine: not "exact"
     line = telemetry._fidelity_line([row], "fp32")
     assert line.endswith("exact for 0 of 1 weight tensors; 1 with a zero reference gradient")
+
+
+def test_cli_evaluate_runs_trained_weights_under_other_forwards(tmp_path, capsys):
+    """`fourbit evaluate`: the run's own forward gives back its last evaluation exactly; an
+    fp32 forward is the plain model with the trained weights (loaded here by hand); a layer
+    moved to a recipe the run did not train it with starts that recipe's quantizer state."""
+    data = _tiny_fashion(tmp_path / "data")
+    run = tmp_path / "ibm4"
+    train(RunConfig("fashion-resnet20", "ibm4", epochs=1, batch_size=48, seed=1, data_dir=str(data)), run,
+          progress=False)  # fmt: skip
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    out = tmp_path / "evaluate.json"
+    argv = ["evaluate", str(run), "--as", "own", "--as", "fp32", "--as", "own:stem.0=ibm4,fc=fp32",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "own:stem.0=ibm4,fc=fp32" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert (result["format"], result["trained_recipe"], result["metric_name"]) == (
+        "fourbit-evaluate",
+        "ibm4",
+        "accuracy",
+    )
+    own, fp32, moved = result["results"]
+    assert own["metrics"] == {"accuracy": last["accuracy"], "test_loss": last["test_loss"]}
+    assert own["fresh_quantizer_state"] == [] and fp32["fresh_quantizer_state"] == []
+
+    task = fourbit.tasks.get("fashion-resnet20")
+    model = task.build_model()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+    model.load_state_dict({k: v for k, v in state.items() if "quant" not in k.split(".")})
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        task.dataset("test", data, None, 1), batch_size=48, collate_fn=task.collate
+    )
+    assert fp32["metrics"] == task.evaluate(model, loader) != own["metrics"]
+
+    assert (moved["recipe"], moved["policy"]) == ("ibm4", {"stem.0": "ibm4", "fc": "fp32"})
+    assert moved["fresh_quantizer_state"] == ["stem.0.quant.pact_a.alpha", "stem.0.quant.pact_a.signed"]
+    assert moved["metrics"] != own["metrics"]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+    bad = [("own:fc", "write RECIPE or RECIPE:GLOB=RECIPE"), ("int3", "unknown recipe 'int3'"),
+           ("own:fc=int3", "unknown recipe 'int3'")]  # fmt: skip
+    for forward, message in bad:
+        assert main(["evaluate", str(run), "--as", forward]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

@@ -197,6 +197,19 @@ def _task_names() -> list[str]:
     return tasks.names()
 
 
+def cmd_evaluate(args) -> int:
+    import json
+
+    from fourbit import telemetry
+    from fourbit.io import atomic_write
+
+    result = telemetry.evaluate_as(args.run, args.forwards or ["own", "fp32"], progress=True)
+    if args.json:
+        atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     import json
 
@@ -375,6 +388,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="output directory (default: runs/inspect-TASK)")
     p.add_argument("--quiet", action="store_true", help="no per-step lines")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("evaluate", help="a trained run's test metrics under other recipes' forwards")
+    p.add_argument(
+        "run", type=Path,
+        help="the run's folder, holding checkpoint.pt (a `fourbit train --out`, or DIR/RECIPE "
+        "of a `fourbit compare --out DIR`)",
+    )  # fmt: skip
+    p.add_argument(
+        "--as", dest="forwards", action="append", metavar="FORWARD",
+        help="a recipe, or RECIPE:GLOB=RECIPE[,GLOB=RECIPE...] giving the layers whose names match "
+        "GLOB another recipe ('own': the run's recipe); repeat for several (default: own and fp32)",
+    )  # fmt: skip
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bn-drift", help="BatchNorm running statistics against an fp32 shadow, over training")
     p.add_argument("--recipes", default="ibm4,ibm4-notpr", help="comma-separated recipe names")

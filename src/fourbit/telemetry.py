@@ -1,5 +1,6 @@
-"""What quantization does during training: per-operand telemetry (`fourbit inspect`) and
-BatchNorm drift against an fp32 shadow (`fourbit bn-drift`).
+"""What quantization does during training: per-operand telemetry (`fourbit inspect`),
+BatchNorm drift against an fp32 shadow (`fourbit bn-drift`), and a trained run's weights
+evaluated under other forwards (`fourbit evaluate`).
 
 Telemetry listens on each quantized layer's `QuantState.observer`, which sees every GEMM
 operand x before and q after quantization: "A", "W" (or "B", a QMatmul's second
@@ -34,6 +35,7 @@ recipe's own forward's with float32 gradients.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -44,13 +46,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fourbit import tasks
 from fourbit.formats import BlockFormat, LogFormat
 from fourbit.nn import QLinear, QMatmul, QuantState
 from fourbit.nn.gemm import GemmOps, conv_ops, linear_ops, matmul_ops
 from fourbit.nn.lstm import QLSTM
 from fourbit.nn.quant import operand_scale
 from fourbit.nn.spec import OperandSpec
-from fourbit.train import RunConfig, _Run, _StopSignals, load_checkpoint, train_step
+from fourbit.train import RunConfig, _Run, _StopSignals, load_checkpoint, run_data, run_model, train_step
 
 POINTS = ("W", "B", "A", "G_dx", "G_dw")
 # what GradientFidelity compares the recipe's weight gradients against
@@ -724,11 +727,103 @@ def bn_drift(configs: Iterable[RunConfig], out: Path, every: int = 10, progress:
     }
 
 
+def parse_forward(text: str, own: str) -> tuple[str, dict[str, str]]:
+    """`RECIPE` or `RECIPE:GLOB=RECIPE[,GLOB=RECIPE...]` (convert's policy) as (recipe,
+    policy); `own` stands for the run's recipe."""
+    recipe, colon, rest = text.partition(":")
+    policy = {}
+    for item in rest.split(","):
+        glob, eq, value = item.partition("=")
+        if not (glob and eq and value):
+            if colon or item:
+                raise ValueError(
+                    f"forward {text!r}: write RECIPE or RECIPE:GLOB=RECIPE[,GLOB=RECIPE...], "
+                    "e.g. 'own:*.mix=fp32' ('own': the run's recipe)"
+                )
+            continue
+        policy[glob] = own if value == "own" else value
+    return (own if recipe == "own" else recipe), policy
+
+
+def _is_quantizer_state(key: str) -> bool:
+    return "quant" in key.split(".")  # a quantized layer's `quant.*`: PACT clips, GradScale, RNG
+
+
+def load_trained(model: nn.Module, state: dict[str, Tensor], path: Path) -> list[str]:
+    """Every weight and buffer of `state` (a checkpoint's model) into `model`, which may be
+    converted to another recipe: quantizer state only where `model` has the same. The
+    quantizer state keys `model` has and `state` lacks (they start as in training)."""
+    mine = model.state_dict()
+    missing = [k for k in mine if not _is_quantizer_state(k) and k not in state]
+    extra = [k for k in state if not _is_quantizer_state(k) and k not in mine]
+    if missing or extra:
+        raise ValueError(
+            f"{path} holds another model: missing {missing[:3]}, unexpected {extra[:3]}; "
+            "evaluate a checkpoint of this task's model"
+        )
+    load = {
+        k: v
+        for k, v in state.items()
+        if k in mine and (not _is_quantizer_state(k) or v.shape == mine[k].shape)
+    }
+    model.load_state_dict(load, strict=False)
+    return [k for k in mine if k not in load]
+
+
+def evaluate_as(run: Path, forwards: list[str], progress: bool = False) -> dict:
+    """The test metrics of the weights checkpointed in `run`/checkpoint.pt under each of
+    `forwards` (parse_forward: a recipe, maybe with a per-layer policy), on the run's test
+    set. Against each other they split a quantized run's gap to fp32 in two: its forward's
+    cost at evaluation (`own` against `fp32` on the same weights) and the cost of having
+    been trained quantized (`fp32` here against an fp32 run); policies say which layers
+    carry the first. Quantizer state the run does not have (a PACT clip under a recipe it
+    did not train with) starts as in training: from the first test batch."""
+    path = run / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    trained = RunConfig(**ckpt["config"])
+    task = tasks.get(trained.task)
+    cfg = trained.resolved(task)
+    train_set, test_loader = run_data(task, cfg)
+    parsed = [parse_forward(f, trained.recipe) for f in forwards]  # every error before any evaluation
+    configs = [dataclasses.replace(cfg, recipe=recipe) for recipe, _ in parsed]
+    results = []
+    for forward, c, (recipe, policy) in zip(forwards, configs, parsed, strict=True):
+        t0 = time.perf_counter()
+        model = run_model(task, c, train_set, policy)
+        fresh = load_trained(model, ckpt["model"], path)
+        model.eval()
+        with torch.no_grad():
+            metrics = task.evaluate(model, test_loader)
+        row = {"forward": forward, "recipe": recipe, "policy": policy, "metrics": metrics,
+               "fresh_quantizer_state": fresh, "wall_time_s": time.perf_counter() - t0}  # fmt: skip
+        results.append(row)
+        if progress:
+            print(_evaluate_line(row, task.metric_name), flush=True)
+    return {
+        "format": "fourbit-evaluate",
+        "version": 1,
+        "run": str(run),
+        "task": trained.task,
+        "trained_recipe": trained.recipe,
+        "progress": ckpt["progress"],  # where in training the weights are
+        "metric_name": task.metric_name,
+        "results": results,
+    }
+
+
+def _evaluate_line(row: dict, metric_name: str) -> str:
+    """The forward, then its metrics, the task's own first."""
+    metrics = row["metrics"]
+    names = [metric_name] + [k for k in metrics if k != metric_name]
+    return f"{row['forward']:<40} " + "  ".join(f"{k} {metrics[k]:.4g}" for k in names)
+
+
 __all__ = [
     "Recorder",
     "ShadowBN",
     "bn_distance",
     "bn_drift",
+    "evaluate_as",
     "format_report",
     "grid_range",
     "inspect",

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from fourbit import distributed, recipes, tasks
@@ -423,16 +423,38 @@ def _train_on_a_rank(cfg: RunConfig, out: Path, resume: bool, progress: bool) ->
         return e
 
 
+def run_data(task: tasks.Task, cfg: RunConfig) -> tuple[Dataset, DataLoader]:
+    """The run's training set and test batches (`cfg` resolved); a clear error when the
+    task's data is not installed."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else None
+    status = task.data_status(data_dir)
+    if status is not None:
+        raise ValueError(status)
+    train_set = task.dataset("train", data_dir, cfg.train_limit, cfg.seed)
+    test_set = task.dataset("test", data_dir, cfg.test_limit, cfg.seed)
+    return train_set, DataLoader(test_set, batch_size=cfg.batch_size, collate_fn=task.collate)
+
+
+def run_model(
+    task: tasks.Task, cfg: RunConfig, train_set: Dataset, policy: dict | None = None, verbose: bool = False
+) -> nn.Module:
+    """The run's model before training: built under seed `cfg.seed` and converted to
+    `cfg.recipe` (and convert's `policy`), the first training examples as the example input."""
+    torch.manual_seed(cfg.seed)
+    model = task.build_model()
+    example = task.collate([train_set[i] for i in range(min(2, len(train_set)))])
+    convert(
+        model, cfg.recipe, policy, example_input=task.model_inputs(example), seed=cfg.seed, verbose=verbose
+    )
+    return model
+
+
 class _Run:
     """One run (this rank's part of it): its data, model, optimizer, where it is, and its history."""
 
     def __init__(self, cfg: RunConfig, out: Path, progress: bool, resume: bool = False):
         self.commit = source_commit()  # now, before the checkout can move on under a long run
         task = tasks.get(cfg.task)
-        data_dir = Path(cfg.data_dir) if cfg.data_dir else None
-        status = task.data_status(data_dir)
-        if status is not None:
-            raise ValueError(status)
         self.cfg = cfg = cfg.resolved(task)
         self.rank, world = distributed.rank(), distributed.world_size()
         if cfg.batch_size % world:
@@ -440,16 +462,10 @@ class _Run:
         self.batch_size = cfg.batch_size // world  # this rank's
         self.task, self.out, self.progress = task, out, progress and distributed.is_main()
         self.ckpt_path = out / "checkpoint.pt"
-        self.train_set = task.dataset("train", data_dir, cfg.train_limit, cfg.seed)
-        test_set = task.dataset("test", data_dir, cfg.test_limit, cfg.seed)
-        self.test_loader = DataLoader(test_set, batch_size=cfg.batch_size, collate_fn=task.collate)
+        self.train_set, self.test_loader = run_data(task, cfg)
         self.steps_per_epoch = math.ceil(len(self.train_set) // world / self.batch_size)  # of a shard
 
-        torch.manual_seed(cfg.seed)  # the same model on every rank
-        self.model = task.build_model()
-        example = task.collate([self.train_set[i] for i in range(min(2, len(self.train_set)))])
-        inputs = task.model_inputs(example)
-        convert(self.model, cfg.recipe, example_input=inputs, seed=cfg.seed, verbose=self.progress)
+        self.model = run_model(task, cfg, self.train_set, verbose=self.progress)  # the same on every rank
         self.opt, self.sched = _optimizer(task, self.model, cfg, cfg.epochs * self.steps_per_epoch)
         self.history: list[dict] = []
         self.pos, self.augment_rng, self.wall_before = Progress(), None, 0.0
