@@ -1,6 +1,7 @@
 """fourbit inspect and fourbit bn-drift: the telemetry numbers against hand-worked values,
 the JSON they write, the CLI end to end, and BatchNorm drift (exactly 0 under fp32)."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -555,3 +556,48 @@ def test_cli_evaluate_runs_trained_weights_under_other_forwards(tmp_path, capsys
         assert message in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "nothing")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+    assert main([*argv[:-2], "--recalibrate", "1", "--json", str(out)]) == 0
+    recal = json.loads(out.read_text())
+    assert recal["recalibrate_batches"] == 1
+    assert all(
+        r["metrics"] != before["metrics"]
+        for r, before in zip(recal["results"], result["results"], strict=True)
+    )
+    assert main(["evaluate", str(run), "--recalibrate", "-1"]) == 2
+    assert "recalibrate must be a number of batches >= 0" in capsys.readouterr().err
+
+
+def test_recalibrated_batchnorm_holds_the_mean_of_its_batches_statistics():
+    """Each BatchNorm ends with the plain average, over the batches, of its input's per-channel
+    mean and unbiased variance under the forward the model has (taken here by hooks), its
+    momentum restored and the model in eval mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 2),
+                          nn.BatchNorm1d(2))  # fmt: skip
+    fourbit.convert(model, "ibm4", verbose=False)
+    batches = [torch.randn(5, 1, 6, 6) * (i + 1) + i for i in range(3)]
+    # what each BatchNorm sees: the other layers in eval mode, the norms normalizing by their
+    # batch's statistics (which is what a norm in train mode does)
+    copy_ = copy.deepcopy(model).eval()
+    seen = {1: [], 5: []}
+    for i in seen:
+        copy_[i].train()
+        copy_[i].register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].detach().double()))
+    with torch.no_grad():
+        for x in batches:
+            copy_(x)
+
+    class Task:
+        def loss(self, m, x):
+            return m(x).sum(), len(x)
+
+    assert telemetry.recalibrate_batchnorm(model, Task(), batches) == 3
+    assert not model.training and model[1].momentum == model[5].momentum == 0.1
+    for i, dims in ((1, (0, 2, 3)), (5, (0,))):
+        mean = torch.stack([x.mean(dims) for x in seen[i]]).mean(0)
+        var = torch.stack([x.var(dims, unbiased=True) for x in seen[i]]).mean(0)
+        assert torch.allclose(model[i].running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(model[i].running_var.double(), var, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        telemetry.recalibrate_batchnorm(nn.Linear(2, 2), Task(), batches)

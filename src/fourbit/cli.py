@@ -203,7 +203,7 @@ def cmd_evaluate(args) -> int:
     from fourbit import telemetry
     from fourbit.io import atomic_write
 
-    result = telemetry.evaluate_as(args.run, args.forwards or ["own", "fp32"], progress=True)
+    result = telemetry.evaluate_as(args.run, args.forwards or ["own", "fp32"], True, args.recalibrate)
     if args.json:
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.json}")
@@ -399,6 +399,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--as", dest="forwards", action="append", metavar="FORWARD",
         help="a recipe, or RECIPE:GLOB=RECIPE[,GLOB=RECIPE...] giving the layers whose names match "
         "GLOB another recipe ('own': the run's recipe); repeat for several (default: own and fp32)",
+    )  # fmt: skip
+    p.add_argument(
+        "--recalibrate", type=int, default=0, metavar="N",
+        help="re-estimate every BatchNorm's running statistics under each forward over the first "
+        "N training batches before scoring (the run's were gathered under its own forward)",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_evaluate)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import time
 from collections import Counter
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from fourbit import tasks
 from fourbit.formats import BlockFormat, LogFormat
@@ -770,14 +772,45 @@ def load_trained(model: nn.Module, state: dict[str, Tensor], path: Path) -> list
     return [k for k in mine if k not in load]
 
 
-def evaluate_as(run: Path, forwards: list[str], progress: bool = False) -> dict:
+def recalibrate_batchnorm(model: nn.Module, task: tasks.Task, batches: Iterable) -> int:
+    """Every BatchNorm's running mean and variance re-estimated under the model's forward as
+    it now is: reset, then the plain average over `batches` of each batch's statistics
+    (forward passes without gradients, every other module in eval mode). The batches used."""
+    norms = [
+        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if not norms:
+        raise ValueError("the model has no BatchNorm with running statistics to recalibrate")
+    momenta = [m.momentum for m in norms]
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: every batch weighs the same
+        m.train()
+    used = 0
+    with torch.no_grad():
+        for batch in batches:
+            task.loss(model, batch)
+            used += 1
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    model.eval()
+    return used
+
+
+def evaluate_as(run: Path, forwards: list[str], progress: bool = False, recalibrate: int = 0) -> dict:
     """The test metrics of the weights checkpointed in `run`/checkpoint.pt under each of
     `forwards` (parse_forward: a recipe, maybe with a per-layer policy), on the run's test
     set. Against each other they split a quantized run's gap to fp32 in two: its forward's
     cost at evaluation (`own` against `fp32` on the same weights) and the cost of having
     been trained quantized (`fp32` here against an fp32 run); policies say which layers
     carry the first. Quantizer state the run does not have (a PACT clip under a recipe it
-    did not train with) starts as in training: from the first test batch."""
+    did not train with) starts as in training: from the first test batch. `recalibrate`
+    N > 0: before scoring, each forward's BatchNorm statistics re-estimated over the first N
+    training batches (in order, not augmented), since the run's were gathered under its own
+    forward."""
+    if not isinstance(recalibrate, int) or recalibrate < 0:
+        raise ValueError(f"recalibrate must be a number of batches >= 0; got {recalibrate!r}")
     path = run / "checkpoint.pt"
     ckpt = load_checkpoint(path)
     trained = RunConfig(**ckpt["config"])
@@ -791,6 +824,9 @@ def evaluate_as(run: Path, forwards: list[str], progress: bool = False) -> dict:
         t0 = time.perf_counter()
         model = run_model(task, c, train_set, policy)
         fresh = load_trained(model, ckpt["model"], path)
+        if recalibrate:
+            loader = DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=task.collate)
+            recalibrate_batchnorm(model, task, itertools.islice(loader, recalibrate))
         model.eval()
         with torch.no_grad():
             metrics = task.evaluate(model, test_loader)
@@ -806,6 +842,7 @@ def evaluate_as(run: Path, forwards: list[str], progress: bool = False) -> dict:
         "task": trained.task,
         "trained_recipe": trained.recipe,
         "progress": ckpt["progress"],  # where in training the weights are
+        "recalibrate_batches": recalibrate,
         "metric_name": task.metric_name,
         "results": results,
     }
@@ -824,6 +861,7 @@ __all__ = [
     "bn_distance",
     "bn_drift",
     "evaluate_as",
+    "recalibrate_batchnorm",
     "format_report",
     "grid_range",
     "inspect",
