@@ -861,8 +861,8 @@ __all__ = [
     "bn_distance",
     "bn_drift",
     "evaluate_as",
-    "recalibrate_batchnorm",
     "format_report",
     "grid_range",
     "inspect",
+    "recalibrate_batchnorm",
 ]
