@@ -776,9 +776,7 @@ def recalibrate_batchnorm(model: nn.Module, task: tasks.Task, batches: Iterable)
     """Every BatchNorm's running mean and variance re-estimated under the model's forward as
     it now is: reset, then the plain average over `batches` of each batch's statistics
     (forward passes without gradients, every other module in eval mode). The batches used."""
-    norms = [
-        m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    norms = [m for m in _batchnorms(model).values() if m.track_running_stats]
     if not norms:
         raise ValueError("the model has no BatchNorm with running statistics to recalibrate")
     momenta = [m.momentum for m in norms]
