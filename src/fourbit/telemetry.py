@@ -817,14 +817,14 @@ def evaluate_as(run: Path, forwards: list[str], progress: bool = False, recalibr
     train_set, test_loader = run_data(task, cfg)
     parsed = [parse_forward(f, trained.recipe) for f in forwards]  # every error before any evaluation
     configs = [dataclasses.replace(cfg, recipe=recipe) for recipe, _ in parsed]
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=task.collate)
     results = []
     for forward, c, (recipe, policy) in zip(forwards, configs, parsed, strict=True):
         t0 = time.perf_counter()
         model = run_model(task, c, train_set, policy)
         fresh = load_trained(model, ckpt["model"], path)
         if recalibrate:
-            loader = DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=task.collate)
-            recalibrate_batchnorm(model, task, itertools.islice(loader, recalibrate))
+            recalibrate_batchnorm(model, task, itertools.islice(train_loader, recalibrate))
         model.eval()
         with torch.no_grad():
             metrics = task.evaluate(model, test_loader)
