@@ -239,6 +239,11 @@ def test_random_hadamard_is_orthonormal_and_preserves_the_dw_gemm():
     torch.testing.assert_close(ta.t() @ tg, a.t() @ g, rtol=1e-5, atol=1e-5)
     eye = random_hadamard(torch.eye(16), 0, signs)
     torch.testing.assert_close(eye.t() @ eye, torch.eye(16))
+    # the matrix itself: Sylvester's H[i, j] = (-1)^popcount(i & j), columns signed, / 4
+    sylvester = [
+        [(-1.0) ** bin(i & j).count("1") * signs[j].item() / 4 for j in range(16)] for i in range(16)
+    ]
+    assert torch.equal(eye, torch.tensor(sylvester))
     # blocks run along any axis of any rank, also with zero-size dimensions
     x = torch.randn(3, 20, 2, generator=_gen(11))
     torch.testing.assert_close(

