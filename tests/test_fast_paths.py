@@ -1,7 +1,7 @@
 """Fast quantizer paths against the plain reference definitions, bit for bit."""
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -292,6 +292,26 @@ def test_saved_operands_equal_the_definition(name):
         _same_bits(fast_values, ref_values)
         _same_bits(fast_packed.unpack(), ref_packed.unpack())
         _same_bits(fast_packed.unpack(), fast_values)
+
+
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_block_operand_not_kept_equals_the_kept_one(name, rounding, axis):
+    # keep=False takes the values-only kernel (no codes): the same bits as the codes' decode
+    # and as the definition, from the same draws
+    fmt = formats.get(name)
+    x = _inputs()[: 40 * 1000].reshape(40, 1000)
+    x[3, 5] = float("nan")  # one block (per axis) of NaN
+    outs = []
+    for keep, torch_only in ((False, False), (True, False), (False, True)):
+        gen = torch.Generator().manual_seed(7)
+        with pure_torch() if torch_only else nullcontext():
+            outs.append(quantize_operand(fmt, x, None, 0, rounding, gen, axis, keep=keep))
+    assert outs[0][1] is None and outs[1][1] is not None
+    _same_bits(outs[0][0], outs[1][0])
+    _same_bits(outs[0][0], outs[2][0])
+    assert int(outs[0][0].isnan().sum()) == fmt.block_shape[0]  # the NaN's block, and no other
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

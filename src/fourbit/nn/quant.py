@@ -150,8 +150,10 @@ def quantize_operand(
                 fmt, x.reshape(x.shape[0], math.prod(x.shape[1:])), scale, phase, rounding, generator
             )
             return values.reshape(x.shape), (dataclasses.replace(packed, shape=x.shape) if keep else None)
+        if not keep:  # values only: one pass of the kernel, no codes to write and read back
+            return fmt.quantize(x, scale, phase, rounding, generator, axis=axis), None
         enc = fmt.encode(x, scale, phase, rounding, generator, axis=axis)
-        return fmt.decode(enc), (Packed(fmt, x.shape, codes=enc) if keep else None)
+        return fmt.decode(enc), Packed(fmt, x.shape, codes=enc)
     scale = 1.0 if scale is None else scale
     if isinstance(fmt, IntFormat) and fmt.bits <= 4:
         return quantize_int_operand(fmt, x, scale, rounding, generator, keep)[:2]
