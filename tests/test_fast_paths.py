@@ -146,7 +146,8 @@ def test_block_format_fast_quantize_of_odd_shapes(name, shape):
 @pytest.mark.parametrize("axis", [1, -2, 0])
 def test_block_format_fast_quantize_along_a_strided_axis(name, axis):
     """Blocks along a middle axis are quantized in place (no transposition), in chunks of 64
-    columns: 150 columns leave a partial chunk, 37 rows a partial block."""
+    columns and 16 rows: 150 columns leave a partial chunk, 37 rows a partial block, and
+    mxfp4's blocks of 32 rows take two chunks of rows."""
     fmt = formats.get(name)
     x = torch.randn(3, 37, 150, generator=torch.Generator().manual_seed(3)) * 10
     x[1, 5, 70], x[2, 36, 149], x[0, :16, 3] = float("nan"), float("inf"), 1e-45

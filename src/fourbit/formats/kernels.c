@@ -463,6 +463,7 @@ void fb_block_decode(const uint8_t *codes, const uint8_t *scale_codes, int64_t c
  * (o·inner + i)·nb + b, draws B per block from ((o·inner + i)·nb + b)·B. The rows of a band
  * are read contiguously, COLS columns at a time, so the work vectorizes across the blocks. */
 #define COLS 64
+#define UROWS 16
 
 void fb_block_quantize_axis(const float *x, int64_t outer, int64_t n, int64_t inner, int B, float d, int e4m3,
                             const float *u, float *out, uint8_t *codes, uint8_t *scale_codes, int nthreads) {
@@ -480,7 +481,7 @@ void fb_block_quantize_axis(const float *x, int64_t outer, int64_t n, int64_t in
         for (int64_t i0 = 0; i0 < inner; i0 += COLS) {
             int64_t w = i0 + COLS < inner ? COLS : inner - i0;
             uint32_t ymax[COLS] = {0}, vmax[COLS] = {0};
-            float s[COLS], ur[COLS];
+            float s[COLS], ur[UROWS][COLS];
             for (int64_t r = r0; r < r1; r++)
                 block_scan_row(xm + r * inner + i0, om + r * inner + i0, w, d, ymax, vmax);
             for (int64_t c = 0; c < w; c++) {
@@ -488,12 +489,21 @@ void fb_block_quantize_axis(const float *x, int64_t outer, int64_t n, int64_t in
                 s[c] = block_scale(ymax[c], vmax[c], e4m3, &sc);
                 if (scale_codes) scale_codes[(o * inner + i0 + c) * nb + b] = sc;
             }
-            for (int64_t r = r0; r < r1; r++) {
-                if (u) { /* this row's draws, one per block: gathered, so the rounding vectorizes */
-                    const float *ub = u + ((o * inner + i0) * nb + b) * B + (r - r0);
-                    for (int64_t c = 0; c < w; c++) ur[c] = ub[c * nb * B];
-                }
-                block_round_row(om + r * inner + i0, km ? km + r * inner + i0 : NULL, w, s, u ? ur : NULL, d);
+            /* Rows UROWS at a time, their draws (one per block and row) first turned into
+             * rows, so that the rounding vectorizes. A block's draws are n floats from the
+             * next block's: read column by column (one cache line each), not row by row,
+             * where the columns' lines, 4 KB apart when n is a multiple of 1024, would
+             * evict each other from the cache at every row. */
+            for (int64_t q0 = r0; q0 < r1; q0 += UROWS) {
+                int64_t q1 = q0 + UROWS < r1 ? q0 + UROWS : r1;
+                if (u)
+                    for (int64_t c = 0; c < w; c++) {
+                        const float *ub = u + ((o * inner + i0 + c) * nb + b) * B + (q0 - r0);
+                        for (int64_t r = 0; r < q1 - q0; r++) ur[r][c] = ub[r];
+                    }
+                for (int64_t r = q0; r < q1; r++)
+                    block_round_row(om + r * inner + i0, km ? km + r * inner + i0 : NULL, w, s,
+                                    u ? ur[r - q0] : NULL, d);
             }
         }
     }
