@@ -128,7 +128,7 @@ def _narrow(t: Tensor, axis: int, start: int, length: int, groups: int) -> Tenso
 
 def _sylvester_hadamard(n: int) -> Tensor:
     """The n x n Hadamard matrix of ±1 (n a power of two) by Sylvester's doubling."""
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, dtype=torch.float32)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
