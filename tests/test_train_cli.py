@@ -170,6 +170,23 @@ def test_cli_compare_writes_table_and_plot(tmp_path, capsys):
     assert "| ibm4 |" in capsys.readouterr().out
 
 
+def test_curves_of_many_runs_are_told_apart(tmp_path, monkeypatch):
+    # a headline of 12 recipes outruns matplotlib's 10 colours: no two lines may look alike
+    from fourbit import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or Path(path))
+    histories = {f"r{k}": [{"epoch": 1, "bleu": k, "train_loss": 1.0 + k}] for k in range(12)}
+    plots.plot_curves(histories, "bleu", tmp_path / "c.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        looks = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+        assert len(looks) == len(ax.get_lines()) == 12
+    (legend,) = fig.legends  # one legend for both panels, outside them
+    assert [t.get_text() for t in legend.get_texts()] == list(histories)
+    assert not any(ax.get_legend() for ax in fig.axes)
+
+
 def test_compare_table_has_deltas_against_fp32_and_fp16():
     def summary(recipe, metric, epoch_time):
         return {"recipe": recipe, "metric": metric, "metric_name": "accuracy", "epoch_time_s": epoch_time}

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fourbit import formats  # noqa: E402
 from fourbit.io import atomic_write  # noqa: E402
@@ -71,20 +72,30 @@ def plot_pixels(images: torch.Tensor, titles: list[str], path: str | Path) -> Pa
     return save(fig, path)
 
 
+def _line_style(k: int) -> dict:
+    """The k-th line's colour and dash: matplotlib's 10 colours, then the same colours dashed,
+    dotted, ... so that no two of a plot's lines look alike."""
+    return {"color": f"C{k % 10}", "ls": ("-", "--", ":", "-.")[k // 10 % 4]}
+
+
 def plot_curves(histories: dict[str, list[dict]], metric: str, path: str | Path) -> Path:
-    """Test metric and training loss per epoch, one line per run (recipe)."""
+    """Test metric and training loss per epoch, one line per run (recipe); one legend, to the
+    right of both panels, so that it covers no line."""
     fig, (ax_m, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, history in histories.items():
+    for k, (label, history) in enumerate(histories.items()):
         epochs = [h["epoch"] for h in history]
-        ax_m.plot(epochs, [h[metric] for h in history], marker="o", ms=3, label=label)
-        ax_l.plot(epochs, [h["train_loss"] for h in history], marker="o", ms=3, label=label)
+        style = {"marker": "o", "ms": 3, **_line_style(k)}
+        ax_m.plot(epochs, [h[metric] for h in history], label=label, **style)
+        ax_l.plot(epochs, [h["train_loss"] for h in history], **style)
     ax_m.set_title(f"test {metric}")
     ax_l.set_title("training loss")
     ax_l.set_yscale("log")
     for ax in (ax_m, ax_l):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+    fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
     return save(fig, path)
 
 
