@@ -274,6 +274,65 @@ def test_nan_activation_reaches_the_output():
     assert torch.isnan(y[0]).all() and torch.isfinite(y[1]).all()
 
 
+ROW_SAWB = OperandSpec("int4", "sawb", granularity="row")
+
+
+def _rows_quantized(x, dim):
+    """x on the INT4 grid with one SAWB scale per slice along `dim`, each fitted on its own."""
+    slices = x.detach().movedim(dim, -1)
+    flat = slices.reshape(-1, slices.shape[-1])
+    q = torch.stack([INT4.quantize(r, sawb_scale(r, INT4)) for r in flat])
+    return q.reshape(slices.shape).movedim(-1, dim)
+
+
+def test_qlinear_row_scales_requantize_along_each_gemms_reduction_axis():
+    lin = nn.Linear(48, 24)
+    q = QLinear.from_float(lin, LayerSpec(ROW_SAWB, ROW_SAWB))
+    x = torch.randn(16, 48, generator=_gen(11)) * torch.logspace(-2, 1, 16).unsqueeze(1)
+    x.requires_grad_()
+    y = q(x)
+    w = lin.weight.detach()
+    # forward: a scale per token and per output channel, both along the reduction axis (in)
+    assert torch.equal(y, F.linear(_rows_quantized(x, -1), _rows_quantized(w, -1)) + lin.bias)
+    dy = torch.randn(16, 24, generator=_gen(12))
+    y.backward(dy)
+    # dX reduces over the output channels: W again, a scale per input channel; dW reduces over
+    # the tokens: X again, a scale per input feature
+    assert torch.equal(x.grad, dy @ _rows_quantized(w, 0))
+    assert torch.equal(lin.weight.grad, dy.t() @ _rows_quantized(x, 0))
+
+
+def test_qmatmul_row_scales_follow_each_gemms_reduction_axis():
+    m = QMatmul(LayerSpec(activation=ROW_SAWB))
+    a = torch.randn(2, 5, 8, generator=_gen(13)).requires_grad_()
+    b = torch.randn(2, 8, 3, generator=_gen(14)).requires_grad_()
+    y = m(a, b)
+    assert torch.equal(y, _rows_quantized(a, -1) @ _rows_quantized(b, -2))
+    dy = torch.randn(2, 5, 3, generator=_gen(15))
+    y.backward(dy)
+    assert torch.equal(a.grad, dy @ _rows_quantized(b, -1).mT)
+    assert torch.equal(b.grad, _rows_quantized(a, -2).mT @ dy)
+
+
+def test_row_scales_are_refused_where_they_cannot_factor_out():
+    with pytest.raises(ValueError, match="convolution"):
+        QConv2d(3, 4, 3, spec=LayerSpec(activation=ROW_SAWB))
+    with pytest.raises(ValueError, match="convolution"):
+        QConv1d.from_float(nn.Conv1d(3, 4, 3), LayerSpec(weight=ROW_SAWB))
+    with pytest.raises(ValueError, match="granularity 'row'.*'sawb' or 'max'"):
+        OperandSpec("int4", "pact", granularity="row")
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        OperandSpec("int4", "sawb", granularity="column")
+
+
+def test_nan_in_one_row_of_a_row_scaled_activation_reaches_the_output():
+    q = QLinear.from_float(nn.Linear(4, 3), LayerSpec(ROW_SAWB, ROW_SAWB))
+    x = torch.rand(2, 4)
+    x[0, 1] = float("nan")
+    y = q(x.requires_grad_())
+    assert torch.isnan(y[0]).all()
+
+
 # -- recipes ------------------------------------------------------------------------------------
 
 
@@ -285,7 +344,8 @@ def test_recipe_presets_are_the_spec_table():
         "fp32", "fp16", "hfp8", "ibm4", "ibm4-notpr", "ibm4-radix2", "ibm4-nogradscale",
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
-        "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
+        "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs",
+        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -363,6 +423,13 @@ def test_recipe_presets_are_the_spec_table():
     nvprobs = recipes.get("ibm4-sawb-nvfp4grad-nvprobs")
     assert nvprobs.default == nvprobs.spec_for("matmul") == sawb_nvgrad.default
     assert nvprobs.spec_for("attention_probs") == dataclasses.replace(nvgrad, activation=OperandSpec("nvfp4"))
+    rowsawb = recipes.get("ibm4-rowsawb-nvfp4grad-nvprobs")
+    assert rowsawb.default == dataclasses.replace(nvprobs.default, activation=ROW_SAWB)
+    assert rowsawb.spec_for("attention_probs") == nvprobs.spec_for("attention_probs")
+    assert (
+        rowsawb.spec_for("first") == nvprobs.spec_for("first")
+        and rowsawb.default.weight == ibm4.default.weight
+    )
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default
     assert (fwd.weight, fwd.activation, fwd.grad_dx, fwd.tpr) == (FP16, FP16, ibm4.default.grad_dx, True)
     assert (grad.weight, grad.activation, grad.grad_dw) == (

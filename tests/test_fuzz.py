@@ -377,6 +377,7 @@ RECIPES = recipes.names()
 # LayerSpecs no preset uses: chunked fp16 accumulation, max-scaled INT4 weights
 FP16_ACCUMULATE = "+fp16-accumulate"
 MAX_INT4 = "+max-int4-weights"
+ROW_INT4 = "+row-max-int4-weights"
 LAYER_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 POISON = [NAN, INF, -INF, 1e30, 1e-40]
 
@@ -495,12 +496,21 @@ def test_qlayer_fuzz(kind):
     def check(case, recipe, role, dtype, target, value, where, seed, data):
         plain, make_q, input_shapes, natural_role = case
         role = role if role != "default" else natural_role
-        variant = data.draw(st.sampled_from(["", "", "", FP16_ACCUMULATE, MAX_INT4]))
+        variant = data.draw(st.sampled_from(["", "", "", FP16_ACCUMULATE, MAX_INT4, ROW_INT4]))
         spec = recipes.get(recipe).spec_for(role)
         if variant == FP16_ACCUMULATE:
             spec = dataclasses.replace(spec, accumulate="fp16")
-        elif variant == MAX_INT4:
-            spec = dataclasses.replace(spec, weight=OperandSpec("int4", "max"))
+        elif variant in (MAX_INT4, ROW_INT4):
+            granularity = "row" if variant == ROW_INT4 else "tensor"
+            spec = dataclasses.replace(spec, weight=OperandSpec("int4", "max", granularity=granularity))
+        if isinstance(plain, nn.Conv1d | nn.Conv2d) and "row" in (
+            spec.weight.granularity,
+            spec.activation.granularity,
+        ):
+            with pytest.raises(ValueError, match="convolution"):
+                make_q(copy.deepcopy(plain), spec, seed)
+            event("row scales refused by a convolution")
+            return
         torch.manual_seed(seed)
         plain = plain.to(dtype)
         g = gen(seed)

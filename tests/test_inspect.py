@@ -124,6 +124,21 @@ def test_block_format_range_is_per_block():
     assert float(hi[0, 0]) == 6.0 and float(hi[0, 5]) == 6 * 2.0**-127  # all zero: the smallest scale
 
 
+def test_row_scaled_range_is_per_row_and_clipping_counts_against_it():
+    """max scales, one per row: the top of row r is max |x_r| (x = -max clips at -8·s < -max)."""
+    x = torch.tensor([[7.0, -1.0, 0.5], [0.07, 0.01, -0.03]])
+    spec = OperandSpec("int4", "max", granularity="row")
+    lo, hi = telemetry.grid_range(spec, x, phase=0, axis=-1)
+    assert torch.equal(hi, torch.tensor([[7.0] * 3, [0.07] * 3]))
+    assert torch.equal(lo, -hi * 8 / 7)
+    layer = QLinear(3, 2, spec=LayerSpec(activation=spec))
+    with telemetry.Recorder(layer) as rec:
+        layer(x)
+    a = rec.layers()[0]["operands"]["A"]
+    # row 0's 0.5 (step 1) ties to 0; row 1's 0.01, on its own step of 0.01, stays
+    assert a["clipped"] == 0 and a["flushed"] == 1 / 6
+
+
 def _train_steps(model, batches, loss_fn, seed=0):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     torch.manual_seed(seed)

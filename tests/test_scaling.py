@@ -33,6 +33,22 @@ def test_sawb_custom_coefficients_and_degenerate_inputs():
         sawb_scale(w, formats.get("int8"))
 
 
+def test_row_scales_are_each_rows_own_fit():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=g) * torch.logspace(-3, 2, 6).unsqueeze(1)
+    x[2] = 0.0  # an all-zero row: scale 1, as for an all-zero tensor
+    x[4] = torch.tensor([-0.5, 0.5]).repeat(20)  # the 4-bit fit gives alpha < 0: max |x|
+    for dim, rows in ((-1, x), (0, x.T)):
+        for scaler in (sawb_scale, max_scale):
+            got = scaler(x, INT4, dim=dim)
+            assert got.shape == ((6, 1) if dim == -1 else (1, 40))
+            want = torch.stack([scaler(r, INT4) for r in rows])
+            assert torch.equal(got.reshape(-1), want)
+    assert torch.equal(sawb_scale(x, INT4, dim=-1)[[2, 4], 0], torch.tensor([1.0, 0.5 / 7]))
+    assert torch.equal(max_scale(torch.zeros(3, 0), INT4, dim=-1), torch.ones(3, 1))
+    assert torch.equal(sawb_scale(torch.zeros(3, 0), INT4, dim=-1), torch.ones(3, 1))
+
+
 def test_max_scale_maps_amax_to_the_top_value():
     x = torch.tensor([0.1, -3.5, 2.0])
     assert max_scale(x, INT4).item() == pytest.approx(3.5 / 7)

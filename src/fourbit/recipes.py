@@ -221,6 +221,8 @@ NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
 # NVFP4 gradients into both backward GEMMs: the blocks carry the scale, so no GradScale, no TPR
 NV_GRADIENTS = dict(_gradients(NV_GRAD), tpr=False, gradscale="none")
 SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step, not a PACT clip
+# attention probabilities and the values they mix in NVFP4 (blocks of 16 keys), NVFP4 gradients
+NV_PROBS = dataclasses.replace(IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS)
 
 _PRESETS = [
     Recipe("fp32", description="float32 everywhere: the baseline"),
@@ -328,12 +330,17 @@ _PRESETS = [
         "ibm4-sawb-nvfp4grad-nvprobs",
         "ibm4-sawb-nvfp4grad with the attention probabilities and values in NVFP4 (blocks of 16 "
         "keys, each with its own fp8 scale): one INT4 scale per tensor flushes most probabilities",
-        roles={
-            "attention_probs": dataclasses.replace(
-                IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS
-            )
-        },
+        roles={"attention_probs": NV_PROBS},
         activation=SAWB_ACTIVATION,
+        **NV_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-rowsawb-nvfp4grad-nvprobs",
+        "ibm4-sawb-nvfp4grad-nvprobs with one SAWB scale per activation row (per token) in place "
+        "of one per tensor, where that flushes a fifth of the Linear inputs; for Linear, LSTM "
+        "and matmul layers only (a convolution's reduction does not factor a row scale out)",
+        roles={"attention_probs": NV_PROBS},
+        activation=dataclasses.replace(SAWB_ACTIVATION, granularity="row"),
         **NV_GRADIENTS,
     ),
     _ibm4_variant(

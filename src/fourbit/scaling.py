@@ -19,21 +19,30 @@ from fourbit.formats import Format, IntFormat
 SAWB_COEFFICIENTS: dict[int, tuple[float, float]] = {4: (12.68, -12.80)}
 
 
-def _amax(x: Tensor) -> Tensor:
+def _amax(x: Tensor, dim: int | None = None) -> Tensor:
+    if dim is not None:  # (the sum of an empty axis is its max of 0: amax refuses one)
+        a = x.detach().abs()
+        return (a.amax(dim, keepdim=True) if x.shape[dim] else a.sum(dim, keepdim=True)).float()
     return x.detach().abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
 
 
-def max_scale(x: Tensor, fmt: Format) -> Tensor:
-    """Current scaling: the scale that maps max |x| onto the format's largest value (1 if x == 0)."""
-    amax = _amax(x)
+def max_scale(x: Tensor, fmt: Format, dim: int | None = None) -> Tensor:
+    """Current scaling: the scale that maps max |x| onto the format's largest value (1 if x == 0).
+
+    `dim`: one scale per slice along `dim` (max over that axis, kept as a size-1 axis)."""
+    amax = _amax(x, dim)
     return torch.where(amax > 0, amax / fmt.max_value(), torch.ones_like(amax))
 
 
-def sawb_scale(w: Tensor, fmt: IntFormat, coefficients: tuple[float, float] | None = None) -> Tensor:
+def sawb_scale(
+    w: Tensor, fmt: IntFormat, coefficients: tuple[float, float] | None = None, dim: int | None = None
+) -> Tensor:
     """SAWB: clip alpha = c1·sqrt(mean(w²)) + c2·mean(|w|); scale = alpha / qmax.
 
     The fit assumes bell-shaped weights; where it gives alpha <= 0 (e.g. every |w| equal)
-    the clip falls back to max |w|, and an all-zero tensor gets scale 1.
+    the clip falls back to max |w|, and an all-zero tensor gets scale 1. `dim`: one scale
+    per slice along `dim` (the means over that axis, kept as a size-1 axis), each fitted
+    and falling back on its own.
     """
     if coefficients is None:
         if fmt.bits not in SAWB_COEFFICIENTS:
@@ -43,11 +52,12 @@ def sawb_scale(w: Tensor, fmt: IntFormat, coefficients: tuple[float, float] | No
             )
         coefficients = SAWB_COEFFICIENTS[fmt.bits]
     c1, c2 = coefficients
-    if w.numel() == 0:
+    if w.numel() == 0 and dim is None:
         return torch.ones((), device=w.device)
     w64 = w.detach().double()  # float64 statistics: w² of a finite float32 cannot overflow
-    alpha = (c1 * w64.square().mean().sqrt() + c2 * w64.abs().mean()).float()
-    alpha = torch.where(alpha > 0, alpha, _amax(w))
+    axes = {} if dim is None else {"dim": dim, "keepdim": True}
+    alpha = (c1 * w64.square().mean(**axes).sqrt() + c2 * w64.abs().mean(**axes)).float()
+    alpha = torch.where(alpha > 0, alpha, _amax(w, dim))
     return torch.where(alpha > 0, alpha / fmt.qmax, torch.ones_like(alpha))
 
 

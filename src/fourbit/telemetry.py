@@ -12,10 +12,10 @@ once per time step) of every inspected step:
     clipped    fraction of the elements with x outside [lo, hi], the smallest and largest
                value the operand's grid produces at the scale it was quantized with:
                INT grids scale·qmin ... scale·qmax (SAWB / max / fixed scales recomputed from
-               x as the layer does; PACT: the grid of its clip α); log and float grids their
-               own range at scale 1 in the GEMM's phase (gradients come GradScale-scaled);
-               block formats (MXFP4, NVFP4) per element, ±(largest element value × that
-               element's block scale). x = ±inf counts as clipped.
+               x as the layer does, per row for row scales; PACT: the grid of its clip α);
+               log and float grids their own range at scale 1 in the GEMM's phase (gradients
+               come GradScale-scaled); block formats (MXFP4, NVFP4) per element, ±(largest
+               element value × that element's block scale). x = ±inf counts as clipped.
     flushed    fraction of the nonzero x whose q is 0
     bias       Σ(q−x) / Σ|x|: the mean error relative to the mean magnitude
     gradscale  (G operands) the GradScale value: at the last call, smallest, largest
@@ -161,9 +161,11 @@ def grid_range(spec: OperandSpec, x: Tensor, phase: int, axis: int, pact=None):
         fmt = pact.grid
         scale = float(pact.clip_level()) / fmt.qmax
     else:
-        scale = float(operand_scale(spec, x))
+        scale = operand_scale(spec, x, axis)
     values = fmt.values(phase=phase)
-    return float(values[0]) * scale, float(values[-1]) * scale
+    if isinstance(scale, Tensor) and scale.numel() > 1:  # row scales: per element
+        return (float(values[0]) * scale).expand(x.shape), (float(values[-1]) * scale).expand(x.shape)
+    return float(values[0]) * float(scale), float(values[-1]) * float(scale)
 
 
 def _ops(module: nn.Module) -> GemmOps:

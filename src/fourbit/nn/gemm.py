@@ -172,19 +172,24 @@ def _quantize_forward_operand(
 ) -> _Operand:
     """Q_A / Q_W: PACT clips to [0, α] (or [-α, α]) on the INT grid; other scalers just scale."""
     if spec.scaler != "pact":
-        scale = operand_scale(spec, x)
-        if isinstance(scale, Tensor) and not bool(torch.isfinite(scale)):
-            # x holds inf/NaN or overflows its statistics: NaN, so the loss shows it (the
-            # training loop then skips the step and names the layer), not a ValueError here
-            nan = torch.full(x.shape, float("nan"), device=x.device)
-            return _Operand(nan, Packed(None, x.shape, values=nan) if keep else None)
-        values, packed = quantize_operand(spec.fmt, x, scale, 0, spec.rounding, generator, axis, keep)
-        return _Operand(values, packed)
+        return _Operand(*_quantize_along(spec, x, axis, generator, keep))
     grid = IntFormat(spec.fmt.bits, signed=pact_signed, symmetric=pact_signed)
     clip = (-alpha if pact_signed else torch.zeros_like(alpha), alpha)
     scale = alpha / grid.qmax
     values, packed, clipped = quantize_int_operand(grid, x, scale, spec.rounding, generator, keep, clip)
     return _Operand(values, packed, clipped, pact_signed)
+
+
+def _quantize_along(spec: OperandSpec, x: Tensor, axis: int, generator, keep: bool = True):
+    """(values, Packed if `keep`) of a non-PACT operand for a GEMM that reduces along `axis`,
+    where 1-D blocks and row scales run."""
+    scale = operand_scale(spec, x, axis)
+    if isinstance(scale, Tensor) and not bool(torch.isfinite(scale).all()):
+        # x holds inf/NaN or overflows its statistics: NaN, so the loss shows it (the
+        # training loop then skips the step and names the layer), not a ValueError here
+        nan = torch.full(x.shape, float("nan"), device=x.device)
+        return nan, Packed(None, x.shape, values=nan) if keep else None
+    return quantize_operand(spec.fmt, x, scale, 0, spec.rounding, generator, axis, keep)
 
 
 def _pact_backward(d: Tensor, clip_bits: Tensor, operand: Packed, signed: bool):
@@ -243,13 +248,14 @@ class QuantizedB:
 
 
 def quantize_b(state, b: Tensor, alpha_b: Tensor | None, ops: GemmOps, gen, keep: bool) -> QuantizedB:
-    """Q_W (or Q_A of a second activation) of B. Block formats block along the reduction
-    axis, which differs per GEMM: B for the dA GEMM is quantized again along its own."""
+    """Q_W (or Q_A of a second activation) of B. Block formats block (and row scales scale)
+    along the reduction axis, which differs per GEMM: B for the dA GEMM is quantized again
+    along its own."""
     spec_b = state.spec.activation if ops.b_is_activation else state.spec.weight
     qb = _quantize_forward_operand(spec_b, b, alpha_b, state.signed("b"), ops.b_fwd, gen, keep)
     b_for_da = qb.packed
-    if keep and spec_b.is_block and len(spec_b.fmt.block_shape) == 1:
-        b_for_da = quantize_operand(spec_b.fmt, b, None, 0, spec_b.rounding, gen, ops.b_da)[1]
+    if keep and spec_b.follows_axis:
+        b_for_da = _quantize_along(spec_b, b, ops.b_da, gen)[1]
     return QuantizedB(qb, b_for_da)
 
 
@@ -302,16 +308,16 @@ def gemm_forward(state, ops: GemmOps, a, b, alpha_a, alpha_b, keep: bool, held_b
 
     saved = None
     if keep:
-        # A for the dB GEMM: block formats block it along that GEMM's reduction axis
+        # A for the dB GEMM: block formats block it (row scales scale it) along that GEMM's
+        # reduction axis
         a_for_db = qa.packed
         signs = torch.zeros(0)
         if spec.hadamard_dw:
             signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
             a_t = random_hadamard(a.float(), ops.a_db, signs)
             a_for_db = quantize_operand(spec.activation.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
-        elif spec.activation.is_block:
-            a_fmt, a_rounding = spec.activation.fmt, spec.activation.rounding
-            a_for_db = quantize_operand(a_fmt, a, None, 0, a_rounding, gen, ops.a_db)[1]
+        elif spec.activation.follows_axis:
+            a_for_db = _quantize_along(spec.activation, a, ops.a_db, gen)[1]
         saved = GemmSaved(
             state, ops, signs, quantized_b.for_da, a_for_db, qa.clipped, qb.clipped, qa.signed, qb.signed,
             (a.shape, b.shape, a.dtype, b.dtype),

@@ -116,15 +116,26 @@ class QLinear(nn.Linear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
+def _no_row_scales(spec: LayerSpec) -> None:
+    if "row" in (spec.weight.granularity, spec.activation.granularity):
+        raise ValueError(
+            "granularity 'row' needs a GEMM that reduces along one axis (Linear, LSTM, matmul); "
+            "a convolution reduces over channels and the kernel window, where a row scale does not "
+            "factor out: give convolutions a spec with granularity 'tensor' (a recipe role)"
+        )
+
+
 class _QConvNd:
     """What QConv1d / QConv2d share (mixed in before the torch conv class)."""
 
     def __init__(self, *args, spec: LayerSpec = FP32_LAYER, seed: int = 0, **kwargs):
+        _no_row_scales(spec)
         super().__init__(*args, **kwargs)  # the torch conv class
         self.quant = QuantState(spec, seed)
 
     @classmethod
     def from_float(cls, module: nn.Module, spec: LayerSpec, seed: int = 0):
+        _no_row_scales(spec)
         return adopt(cls, module, spec, seed)
 
     def _explicit_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

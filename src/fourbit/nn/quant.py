@@ -116,13 +116,15 @@ def _castable(fmt: Format, rounding: str | None) -> bool:
     return saturating and fmt.torch_dtype is not None and rounding in (None, "nearest")
 
 
-def operand_scale(spec: OperandSpec, x: Tensor) -> Tensor | float | None:
-    """The scale of a non-PACT operand (None: a block format's own tensor scale)."""
+def operand_scale(spec: OperandSpec, x: Tensor, axis: int = -1) -> Tensor | float | None:
+    """The scale of a non-PACT operand (None: a block format's own tensor scale); with
+    granularity `row`, one per row along `axis`, the GEMM's reduction axis."""
     fmt = spec.fmt
+    dim = axis if spec.granularity == "row" else None
     if spec.scaler == "sawb":
-        return sawb_scale(x, fmt)
+        return sawb_scale(x, fmt, dim=dim)
     if spec.scaler == "max":
-        return max_scale(x, fmt)
+        return max_scale(x, fmt, dim=dim)
     if spec.scaler == "fixed":
         return spec.scale
     return None if isinstance(fmt, BlockFormat) else 1.0
@@ -191,7 +193,8 @@ def quantize_int_operand(
     otherwise."""
     x = x.float()
     signed = grid.signed
-    if (grid.roundings[0] if rounding is None else rounding) == "nearest" and kernels.applies(x):
+    nearest = (grid.roundings[0] if rounding is None else rounding) == "nearest"
+    if nearest and kernels.scalar(scale) is not None and kernels.applies(x):  # (one scale)
         check_scale(scale)  # (a PACT clip trained to <= 0 is an error here as in grid.encode)
         lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (-math.inf, math.inf)
         values, nibbles, clip_bits, nans = kernels.int_quantize(

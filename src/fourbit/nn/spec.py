@@ -16,6 +16,7 @@ from fourbit.formats import BlockFormat, Format, IntFormat, LogFormat
 from fourbit.scaling import GRADSCALE_RULES
 
 SCALERS = ("none", "sawb", "pact", "max", "fixed")
+GRANULARITIES = ("tensor", "row")
 ACCUMULATE = ("fp32", "fp16")
 
 
@@ -30,7 +31,12 @@ class OperandSpec:
     rounding:  one of the format's roundings, None for its default;
     underflow: LogFormat only: `nearest` or `stochastic` (LUQ);
     scale:     the `fixed` scaler's scale;
-    pact_init: PACT's initial clip alpha (None: the first batch's max |x|).
+    pact_init: PACT's initial clip alpha (None: the first batch's max |x|);
+    granularity: `tensor` (one scale per tensor, the paper's) or `row` (`sawb` and `max`
+               only): one scale per row along the GEMM's reduction axis, e.g. per token for
+               a Linear layer's input. A row scale factors out of the integer GEMM as an
+               output rescale; the backward GEMM that reduces over another axis gets the
+               operand quantized again with its rows along that axis (as block formats do).
     """
 
     format: str | None = None
@@ -39,10 +45,18 @@ class OperandSpec:
     underflow: str | None = None
     scale: float = 1.0
     pact_init: float | None = None
+    granularity: str = "tensor"
 
     def __post_init__(self):
         if self.scaler not in SCALERS:
             raise ValueError(f"scaler must be one of {SCALERS}; got {self.scaler!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}; got {self.granularity!r}")
+        if self.granularity == "row" and self.scaler not in ("sawb", "max"):
+            raise ValueError(
+                f"granularity 'row' fits a scale to each row: it needs scaler 'sawb' or 'max'; "
+                f"got {self.scaler!r}"
+            )
         if self.format is None:
             if self.scaler != "none" or self.rounding or self.underflow:
                 raise ValueError("a float32 operand (format=None) takes no scaler, rounding or underflow")
@@ -76,12 +90,23 @@ class OperandSpec:
     def is_block(self) -> bool:
         return isinstance(self.fmt, BlockFormat)
 
+    @property
+    def follows_axis(self) -> bool:
+        """Whether the scales run along the GEMM's reduction axis (1-D blocks, row scales), so
+        that each GEMM gets the operand quantized along its own reduction axis."""
+        if self.is_block:
+            return len(self.fmt.block_shape) == 1
+        return self.granularity == "row"
+
     def describe(self) -> str:
         if self.format is None:
             return "fp32"
         if self.scaler == "pact":  # the grid (unsigned or signed) is fixed by the first input
             return f"int{self.fmt.bits} (pact)"
-        extra = [s for s in (self.scaler if self.scaler != "none" else "", self.rounding or "") if s]
+        scaler = "" if self.scaler == "none" else self.scaler
+        if self.granularity == "row":
+            scaler += " per row"
+        extra = [s for s in (scaler, self.rounding or "") if s]
         return self.format + (f" ({', '.join(extra)})" if extra else "")
 
 
