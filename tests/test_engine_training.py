@@ -337,8 +337,7 @@ def _tiny_mlp():
 
 
 def _row_scaled(name: str) -> bool:
-    specs = [recipes.get(name).spec_for(role) for role in recipes.ROLES]
-    return any("row" in (s.weight.granularity, s.activation.granularity) for s in specs)
+    return any(recipes.get(name).spec_for(role).row_scaled for role in recipes.ROLES)
 
 
 @pytest.mark.parametrize("name", recipes.names())

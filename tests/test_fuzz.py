@@ -503,10 +503,7 @@ def test_qlayer_fuzz(kind):
         elif variant in (MAX_INT4, ROW_INT4):
             granularity = "row" if variant == ROW_INT4 else "tensor"
             spec = dataclasses.replace(spec, weight=OperandSpec("int4", "max", granularity=granularity))
-        if isinstance(plain, nn.Conv1d | nn.Conv2d) and "row" in (
-            spec.weight.granularity,
-            spec.activation.granularity,
-        ):
+        if isinstance(plain, nn.Conv1d | nn.Conv2d) and spec.row_scaled:
             with pytest.raises(ValueError, match="convolution"):
                 make_q(copy.deepcopy(plain), spec, seed)
             event("row scales refused by a convolution")

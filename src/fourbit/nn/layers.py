@@ -117,7 +117,7 @@ class QLinear(nn.Linear):
 
 
 def _no_row_scales(spec: LayerSpec) -> None:
-    if "row" in (spec.weight.granularity, spec.activation.granularity):
+    if spec.row_scaled:
         raise ValueError(
             "granularity 'row' needs a GEMM that reduces along one axis (Linear, LSTM, matmul); "
             "a convolution reduces over channels and the kernel window, where a row scale does not "

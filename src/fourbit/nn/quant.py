@@ -194,12 +194,13 @@ def quantize_int_operand(
     x = x.float()
     signed = grid.signed
     nearest = (grid.roundings[0] if rounding is None else rounding) == "nearest"
-    if nearest and kernels.scalar(scale) is not None and kernels.applies(x):  # (one scale)
+    one_scale = kernels.scalar(scale)  # None for row scales, which take the torch ops
+    if nearest and one_scale is not None and kernels.applies(x):
         check_scale(scale)  # (a PACT clip trained to <= 0 is an error here as in grid.encode)
         lo, hi = (float(clip[0]), float(clip[1])) if clip is not None else (-math.inf, math.inf)
         values, nibbles, clip_bits, nans = kernels.int_quantize(
             x,
-            float(scale),
+            one_scale,
             grid.qmin,
             grid.qmax,
             lo,

@@ -176,6 +176,11 @@ class LayerSpec:
         return 1.0 if fmt is None else fmt.max_value()
 
     @property
+    def row_scaled(self) -> bool:
+        """Whether the weight or the activation has one scale per row (granularity `row`)."""
+        return "row" in (self.weight.granularity, self.activation.granularity)
+
+    @property
     def is_fp32(self) -> bool:
         return self == FP32_LAYER
 
