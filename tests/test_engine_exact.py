@@ -11,6 +11,7 @@ from torch import nn
 from fourbit import formats, recipes
 from fourbit.nn import LayerSpec, OperandSpec, QConv1d, QConv2d, QLinear, QMatmul
 from fourbit.nn.gemm import chunked_fp16, conv_ops, random_hadamard
+from fourbit.nn.lstm import QLSTM
 from fourbit.nn.quant import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
 from fourbit.scaling import sawb_scale
 
@@ -333,6 +334,67 @@ def test_nan_in_one_row_of_a_row_scaled_activation_reaches_the_output():
     assert torch.isnan(y[0]).all()
 
 
+UNSIGNED_SAWB = OperandSpec("uint4", "sawb")
+
+
+def test_unsigned_sawb_takes_the_unsigned_grid_after_a_relu_and_the_signed_one_otherwise():
+    # a ReLU output: SAWB's clip over all 16 codes 0 ... 15 (the signed grid has 8 for it)
+    lin = nn.Linear(48, 24)
+    q = QLinear.from_float(lin, LayerSpec(OperandSpec("int4", "sawb"), UNSIGNED_SAWB))
+    x = torch.randn(64, 48, generator=_gen(21)).relu().requires_grad_()
+    y = q(x)
+    w = lin.weight.detach()
+    qw = INT4.quantize(w, sawb_scale(w, INT4))
+    qa = UINT4.quantize(x.detach(), sawb_scale(x, UINT4))
+    assert sawb_scale(x, UINT4) * 15 == sawb_scale(x, INT4) * 7  # the same clip, twice the codes
+    assert torch.equal(y, F.linear(qa, qw) + lin.bias)
+    assert len(qa.unique()) > 8 and q.quant.sign_a.signed.item() == 0
+    dy = torch.randn(64, 24, generator=_gen(22))
+    y.backward(dy)
+    assert torch.equal(x.grad, dy @ qw)  # straight through: no clip, no PACT mask
+    assert torch.equal(lin.weight.grad, dy.t() @ qa)
+    # the grid is kept: a later negative value saturates at 0, as outside any grid
+    x2 = torch.randn(8, 48, generator=_gen(23))
+    assert torch.equal(q(x2), F.linear(UINT4.quantize(x2, sawb_scale(x2, UINT4)), qw) + lin.bias)
+    # a signed first input: exactly the signed SAWB activation (int4, scale alpha / 7)
+    signed = QLinear.from_float(lin, LayerSpec(OperandSpec("int4", "sawb"), UNSIGNED_SAWB))
+    plain = QLinear.from_float(lin, LayerSpec(OperandSpec("int4", "sawb"), OperandSpec("int4", "sawb")))
+    assert torch.equal(signed(x2), plain(x2)) and signed.quant.sign_a.signed.item() == 1
+    assert torch.equal(signed(x.detach()), plain(x.detach()))
+    # the sign travels with the state_dict
+    fresh = QLinear.from_float(nn.Linear(48, 24), LayerSpec(OperandSpec("int4", "sawb"), UNSIGNED_SAWB))
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.quant.sign_a.signed.item() == 0 and torch.equal(fresh(x.detach()), q(x.detach()))
+
+
+def test_unsigned_sawb_fixes_each_matmul_operand_and_the_lstm_state_on_its_own():
+    m = QMatmul(LayerSpec(activation=UNSIGNED_SAWB))
+    p = torch.rand(2, 5, 8, generator=_gen(24)).softmax(-1)  # probabilities: nonnegative
+    v = torch.randn(2, 8, 3, generator=_gen(25))
+    y = m(p, v)
+    qp = UINT4.quantize(p, sawb_scale(p, UINT4))
+    qv = INT4.quantize(v, sawb_scale(v, INT4))
+    assert torch.equal(y, qp @ qv)
+    assert (m.quant.sign_a.signed.item(), m.quant.sign_b.signed.item()) == (0, 1)
+    # an LSTM's hidden state lies in (-1, 1): signed from the start, not fixed by h0 = 0
+    lstm = QLSTM.from_float(nn.LSTM(4, 6), LayerSpec(OperandSpec("int4", "sawb"), UNSIGNED_SAWB))
+    assert lstm.quant["l0_hh"].sign_a.signed.item() == 1 and lstm.quant["l0_ih"].sign_a.signed.item() == -1
+    lstm(torch.rand(3, 2, 4))
+    assert lstm.quant["l0_ih"].sign_a.signed.item() == 0
+
+
+def test_unsigned_sawb_halves_the_step_after_a_relu():
+    """On a rectified Gaussian the unsigned grid's error power is about a quarter of the signed
+    grid's (half the step); this test fails if the recipe keeps the signed grid."""
+    x = torch.randn(4096, 64, generator=_gen(26)).relu()
+    errors = []
+    for act in (OperandSpec("int4", "sawb"), UNSIGNED_SAWB):
+        q = QLinear.from_float(nn.Linear(64, 64, bias=False), LayerSpec(activation=act))
+        q.weight.data = torch.eye(64)
+        errors.append((q(x) - x).square().mean().item())
+    assert errors[1] < errors[0] / 3.5
+
+
 # -- recipes ------------------------------------------------------------------------------------
 
 
@@ -345,7 +407,7 @@ def test_recipe_presets_are_the_spec_table():
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
         "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs",
-        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
+        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -430,6 +492,11 @@ def test_recipe_presets_are_the_spec_table():
         rowsawb.spec_for("first") == nvprobs.spec_for("first")
         and rowsawb.default.weight == ibm4.default.weight
     )
+    usawb = recipes.get("ibm4-usawb-nvfp4grad-nvprobs")
+    assert usawb.default == dataclasses.replace(nvprobs.default, activation=UNSIGNED_SAWB)
+    assert usawb.default.activation.for_signed_input == nvprobs.default.activation
+    assert usawb.spec_for("attention_probs") == nvprobs.spec_for("attention_probs")
+    assert usawb.spec_for("first") == nvprobs.spec_for("first")
     fwd, grad = recipes.get("ibm4-fp16fwd").default, recipes.get("ibm4-fp16grad").default
     assert (fwd.weight, fwd.activation, fwd.grad_dx, fwd.tpr) == (FP16, FP16, ibm4.default.grad_dx, True)
     assert (grad.weight, grad.activation, grad.grad_dw) == (

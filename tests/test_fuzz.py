@@ -754,6 +754,11 @@ def test_convert_fuzz():
         example = torch.randn(batch, 2, 4, 3)
         if poison == "example-nan" and batch:
             example[0, 0, 0, 0] = NAN
+        if recipes.get(recipe).default.row_scaled:  # the inner convolutions refuse it, naming the fix
+            with pytest.raises(ValueError, match="give convolutions a spec with granularity 'tensor'"):
+                convert(model, recipe, example_input=example, seed=seed, verbose=False)
+            event("row scales refused by a convolution")
+            return
         for _ in range(2 if twice else 1):
             convert(model, recipe, example_input=example, seed=seed, verbose=False)
         x = torch.randn(2, 2, 4, 3)

@@ -221,6 +221,9 @@ NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
 # NVFP4 gradients into both backward GEMMs: the blocks carry the scale, so no GradScale, no TPR
 NV_GRADIENTS = dict(_gradients(NV_GRAD), tpr=False, gradscale="none")
 SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step, not a PACT clip
+# the same, on the unsigned grid 0 ... 15 where the input is nonnegative (after a ReLU), as
+# PACT's grid is, not on the nonnegative half of the signed one
+UNSIGNED_SAWB_ACTIVATION = OperandSpec("uint4", "sawb")
 # attention probabilities and the values they mix in NVFP4 (blocks of 16 keys), NVFP4 gradients
 NV_PROBS = dataclasses.replace(IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS)
 
@@ -341,6 +344,15 @@ _PRESETS = [
         "and matmul layers only (a convolution's reduction does not factor a row scale out)",
         roles={"attention_probs": NV_PROBS},
         activation=dataclasses.replace(SAWB_ACTIVATION, granularity="row"),
+        **NV_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-usawb-nvfp4grad-nvprobs",
+        "ibm4-sawb-nvfp4grad-nvprobs with the SAWB activations on the unsigned grid 0...15 where a "
+        "layer's first input is nonnegative (after a ReLU), as PACT's grid is, instead of the "
+        "eight nonnegative codes of the signed grid; signed inputs keep the signed one",
+        roles={"attention_probs": NV_PROBS},
+        activation=UNSIGNED_SAWB_ACTIVATION,
         **NV_GRADIENTS,
     ),
     _ibm4_variant(

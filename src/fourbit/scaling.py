@@ -81,7 +81,35 @@ class _PACTClip(torch.autograd.Function):
         return dx, dalpha.reshape(()).float(), None, None
 
 
-class PACT(nn.Module):
+class InputSign(nn.Module):
+    """Whether an activation's INT grid is signed, fixed by the first input seen and kept in
+    the state: any negative value -> the symmetric signed grid -2**(bits-1)+1 ... 2**(bits-1)-1
+    (PACT) or the signed one (SAWB); none (after a ReLU) -> the unsigned grid
+    0 ... 2**bits - 1, which spends no code on negative values that never come. A later
+    negative input on an unsigned grid saturates at 0, as any value outside a grid does.
+    Until the first input, `signed` is -1 and the grid counts as signed (the grid that
+    clips nothing to 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))  # -1: not yet seen
+
+    @property
+    def is_signed(self) -> bool:
+        return int(self.signed) != 0
+
+    def observe(self, x: Tensor) -> bool:
+        """On the first input seen, fix signedness; return it."""
+        if self.signed < 0:
+            self.signed.fill_(int(bool((x.detach() < 0).any())))  # (x.min() < 0 would miss it past a NaN)
+        return self.is_signed
+
+    def fix(self, signed: bool) -> None:
+        """Fix signedness before any input (e.g. LSTM hidden states lie in (-1, 1))."""
+        self.signed.fill_(int(signed))
+
+
+class PACT(InputSign):
     """PACT activation quantizer with a learnable clip alpha (Choi et al. 2018).
 
     Unsigned input (after ReLU): clip to [0, alpha] on the UINT grid 0 ... 2**bits - 1.
@@ -99,7 +127,6 @@ class PACT(nn.Module):
         self.bits = bits
         self.alpha_from_data = alpha is None
         self.alpha = nn.Parameter(torch.tensor(1.0 if alpha is None else float(alpha)))
-        self.register_buffer("signed", torch.tensor(-1, dtype=torch.int8))  # -1: not yet seen
 
     @property
     def grid(self) -> IntFormat:
@@ -113,18 +140,17 @@ class PACT(nn.Module):
 
     def observe(self, x: Tensor) -> bool:
         """On the first input seen, fix signedness (and alpha when it starts from data)."""
-        if self.signed < 0:
-            x = x.detach().float()
-            self.signed.fill_(int(bool((x < 0).any())))  # (x.min() < 0 would miss it past a NaN)
-            if self.alpha_from_data:
-                amax = _amax(x)
-                with torch.no_grad():
-                    self.alpha.fill_(amax.item() if 0 < amax < float("inf") else 1.0)
-        return bool(self.signed)
+        first = self.signed < 0
+        signed = super().observe(x)
+        if first and self.alpha_from_data:
+            amax = _amax(x.float())
+            with torch.no_grad():
+                self.alpha.fill_(amax.item() if 0 < amax < float("inf") else 1.0)
+        return signed
 
     def preset(self, signed: bool, alpha: float) -> None:
         """Fix signedness and alpha before any input (e.g. LSTM hidden states lie in (-1, 1))."""
-        self.signed.fill_(int(signed))
+        self.fix(signed)
         with torch.no_grad():
             self.alpha.fill_(alpha)
 

@@ -218,9 +218,9 @@ class LayerProbe:
         spec, ops, st = self.state.spec, self.ops, self.state
         phase_dx, phase_dw = spec.phases()
         return {
-            "A": (spec.activation, 0, ops.a_fwd, st.pact_a),
+            "A": (st.activation("a"), 0, ops.a_fwd, st.pact_a),
             "W": (spec.weight, 0, ops.b_fwd, None),
-            "B": (spec.activation, 0, ops.b_fwd, st.pact_b),
+            "B": (st.activation("b"), 0, ops.b_fwd, st.pact_b),
             "G_dx": (spec.grad_dx, phase_dx, ops.g_da, None),
             "G_dw": (spec.grad_dw, phase_dw, ops.g_db, None),
         }[point]

@@ -251,7 +251,7 @@ def quantize_b(state, b: Tensor, alpha_b: Tensor | None, ops: GemmOps, gen, keep
     """Q_W (or Q_A of a second activation) of B. Block formats block (and row scales scale)
     along the reduction axis, which differs per GEMM: B for the dA GEMM is quantized again
     along its own."""
-    spec_b = state.spec.activation if ops.b_is_activation else state.spec.weight
+    spec_b = state.activation("b") if ops.b_is_activation else state.spec.weight
     qb = _quantize_forward_operand(spec_b, b, alpha_b, state.signed("b"), ops.b_fwd, gen, keep)
     b_for_da = qb.packed
     if keep and spec_b.follows_axis:
@@ -291,11 +291,11 @@ class GemmSaved:
 
 def gemm_forward(state, ops: GemmOps, a, b, alpha_a, alpha_b, keep: bool, held_b: QuantizedB | None):
     """(Y = Q_A(A) ⊛ Q_B(B) in A's dtype, what backward needs if `keep`, else None)."""
-    spec = state.spec
+    spec, act = state.spec, state.activation("a")
     gen = state.take_generator()
 
     # quantization points of the forward GEMM
-    qa = _quantize_forward_operand(spec.activation, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
+    qa = _quantize_forward_operand(act, a, alpha_a, state.signed("a"), ops.a_fwd, gen, keep)
     quantized_b = held_b if held_b is not None else quantize_b(state, b, alpha_b, ops, gen, keep)
     qb = quantized_b.forward
     y = _gemm(
@@ -315,9 +315,9 @@ def gemm_forward(state, ops: GemmOps, a, b, alpha_a, alpha_b, keep: bool, held_b
         if spec.hadamard_dw:
             signs = torch.randint(0, 2, (HADAMARD_SIZE,), generator=gen).float() * 2 - 1
             a_t = random_hadamard(a.float(), ops.a_db, signs)
-            a_for_db = quantize_operand(spec.activation.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
-        elif spec.activation.follows_axis:
-            a_for_db = _quantize_along(spec.activation, a, ops.a_db, gen)[1]
+            a_for_db = quantize_operand(act.fmt, a_t, None, 0, None, gen, ops.a_db)[1]
+        elif act.follows_axis:
+            a_for_db = _quantize_along(act, a, ops.a_db, gen)[1]
         saved = GemmSaved(
             state, ops, signs, quantized_b.for_da, a_for_db, qa.clipped, qb.clipped, qa.signed, qb.signed,
             (a.shape, b.shape, a.dtype, b.dtype),

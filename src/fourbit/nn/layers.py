@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fourbit.nn.gemm import GemmOps, QuantizedB, QuantizedGemm, conv_ops, linear_ops, matmul_ops, quantize_b
-from fourbit.nn.spec import FP32_LAYER, LayerSpec
-from fourbit.scaling import PACT, GradScale
+from fourbit.nn.spec import FP32_LAYER, LayerSpec, OperandSpec
+from fourbit.scaling import PACT, GradScale, InputSign
 
 
 class QuantState(nn.Module):
-    """A layer's quantization state: its LayerSpec, GradScale, PACT clips and RNG state."""
+    """A layer's quantization state: its LayerSpec, GradScale, PACT clips (or the activation
+    grids' signs) and RNG state."""
 
     def __init__(self, spec: LayerSpec = FP32_LAYER, seed: int = 0, two_activations: bool = False):
         super().__init__()
@@ -31,6 +32,10 @@ class QuantState(nn.Module):
         pact = act.scaler == "pact"
         self.pact_a = PACT(act.fmt.bits, act.pact_init) if pact else None
         self.pact_b = PACT(act.fmt.bits, act.pact_init) if pact and two_activations else None
+        # SAWB on an unsigned grid: the first input fixes the grid's sign, as PACT's does
+        sign = act.sign_from_input and not pact
+        self.sign_a = InputSign() if sign else None
+        self.sign_b = InputSign() if sign and two_activations else None
         self.register_buffer("rng_state", torch.Generator().manual_seed(seed).get_state())
         # observer(point, x, q, gradscale): called with each GEMM operand x ("A", "W" or "B",
         # "G_dx", "G_dw"; gradients times the GradScale value) and its quantized values q
@@ -54,16 +59,32 @@ class QuantState(nn.Module):
         if gen is not None:
             self.rng_state.copy_(gen.get_state())
 
+    def input_sign(self, operand: str) -> InputSign | None:
+        """What fixes activation `a`'s (or `b`'s) grid sign: its PACT or its InputSign."""
+        a = operand == "a"
+        for sign in (self.pact_a, self.sign_a) if a else (self.pact_b, self.sign_b):
+            if sign is not None:
+                return sign
+        return None
+
     def signed(self, operand: str) -> bool:
-        pact = self.pact_a if operand == "a" else self.pact_b
-        return pact is not None and bool(pact.signed)
+        sign = self.input_sign(operand)
+        return sign is not None and sign.is_signed
+
+    def activation(self, operand: str) -> OperandSpec:
+        """The activation spec as activation `a` (or `b`) takes it: on the signed grid where
+        SAWB on an unsigned one has seen a negative input."""
+        act = self.spec.activation
+        return act.for_signed_input if self.signed(operand) else act
 
     def gemm(self, a: Tensor, b: Tensor, ops: GemmOps, held_b: QuantizedB | None = None) -> Tensor:
         """Run the quantized GEMM family `ops` on (a, b); `held_b` is b from `hold_weight`."""
         alphas = []
-        for pact, x in ((self.pact_a, a), (self.pact_b, b)):
-            if pact is not None:
-                pact.observe(x)
+        for operand, x in (("a", a), ("b", b)):
+            sign = self.input_sign(operand)
+            if sign is not None:
+                sign.observe(x)
+            pact = self.pact_a if operand == "a" else self.pact_b
             alphas.append(pact.clip_level() if pact is not None else None)
         inputs = (a, b, *alphas)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)

@@ -141,9 +141,11 @@ class QLSTM(nn.LSTM):
         )
         for name in self._cell_names():
             # hidden states lie in (-1, 1): a signed clip at 1, not one fitted to h0 = 0
-            pact = self.quant[f"{name}_hh"].pact_a
-            if pact is not None:
-                pact.preset(signed=True, alpha=1.0)
+            recurrent = self.quant[f"{name}_hh"]
+            if recurrent.pact_a is not None:
+                recurrent.pact_a.preset(signed=True, alpha=1.0)
+            elif recurrent.sign_a is not None:  # SAWB on an unsigned grid: signed, not fixed by h0 = 0
+                recurrent.sign_a.fix(True)
 
     def _cell_names(self) -> list[str]:
         suffixes = ["", "_reverse"][: 2 if self.bidirectional else 1]

@@ -27,7 +27,10 @@ class OperandSpec:
     format:    a `fourbit.formats` name, or None for float32 (no quantization);
     scaler:    `sawb` (weights), `pact` (activations, learnable clip), `max` (this tensor's
                amax), `fixed` (`scale`), or `none` (scale 1: float formats, block formats
-               that carry their own scales, gradients scaled by GradScale);
+               that carry their own scales, gradients scaled by GradScale). An activation
+               with `pact`, or with `sawb` on an unsigned format (`uint4`), takes the
+               unsigned grid where its first input is nonnegative and the signed grid of
+               the same width where not (`scaling.InputSign`);
     rounding:  one of the format's roundings, None for its default;
     underflow: LogFormat only: `nearest` or `stochastic` (LUQ);
     scale:     the `fixed` scaler's scale;
@@ -87,6 +90,21 @@ class OperandSpec:
         return self.rounding == "stochastic" or self.underflow == "stochastic"
 
     @property
+    def sign_from_input(self) -> bool:
+        """Whether the first input fixes the grid's sign (PACT, or SAWB on an unsigned grid)."""
+        unsigned_sawb = self.scaler == "sawb" and isinstance(self.fmt, IntFormat) and not self.fmt.signed
+        return self.scaler == "pact" or unsigned_sawb
+
+    @functools.cached_property
+    def for_signed_input(self) -> OperandSpec:
+        """This spec for an input with negative values: SAWB on an unsigned grid takes the
+        signed grid of the same width (the unsigned one would send every negative value to
+        0); any other spec is itself (PACT picks its grid in its own module)."""
+        if self.scaler == "sawb" and self.sign_from_input:
+            return dataclasses.replace(self, format=IntFormat(self.fmt.bits).name)
+        return self
+
+    @property
     def is_block(self) -> bool:
         return isinstance(self.fmt, BlockFormat)
 
@@ -104,6 +122,8 @@ class OperandSpec:
         if self.scaler == "pact":  # the grid (unsigned or signed) is fixed by the first input
             return f"int{self.fmt.bits} (pact)"
         scaler = "" if self.scaler == "none" else self.scaler
+        if self.sign_from_input:
+            scaler += f"; int{self.fmt.bits} if signed"
         if self.granularity == "row":
             scaler += " per row"
         extra = [s for s in (scaler, self.rounding or "") if s]
