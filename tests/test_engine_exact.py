@@ -383,6 +383,12 @@ def test_unsigned_sawb_fixes_each_matmul_operand_and_the_lstm_state_on_its_own()
     assert lstm.quant["l0_ih"].sign_a.signed.item() == 0
 
 
+def test_a_hadamard_turn_refuses_a_grid_whose_sign_the_input_fixes():
+    for act in (UNSIGNED_SAWB, OperandSpec("uint4", "pact")):
+        with pytest.raises(ValueError, match="hadamard_dw turns the raw activation.*signed or block"):
+            LayerSpec(activation=act, hadamard_dw=True)
+
+
 def test_unsigned_sawb_halves_the_step_after_a_relu():
     """On a rectified Gaussian the unsigned grid's error power is about a quarter of the signed
     grid's (half the step); this test fails if the recipe keeps the signed grid."""

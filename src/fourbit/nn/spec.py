@@ -180,8 +180,11 @@ class LayerSpec:
                 raise ValueError("with tpr, dx_phase and dw_phase must be 0 and 1 in some order")
         if self.gradscale != "none" and self.grad_dx.format is None:
             raise ValueError("gradscale needs a quantized gradient format")
-        if self.hadamard_dw and self.activation.scaler == "pact":
-            raise ValueError("hadamard_dw turns the raw activation; it cannot follow a PACT clip")
+        if self.hadamard_dw and self.activation.sign_from_input:
+            raise ValueError(
+                "hadamard_dw turns the raw activation, which makes it signed: it cannot follow a "
+                "PACT clip or an unsigned grid; give the activation a signed or block format"
+            )
         if self.gradscale_max is not None and not self.gradscale_max > 0:
             raise ValueError(f"gradscale_max must be > 0; got {self.gradscale_max!r}")
         if not self.gradscale_init > 0:
