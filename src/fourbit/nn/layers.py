@@ -61,11 +61,8 @@ class QuantState(nn.Module):
 
     def input_sign(self, operand: str) -> InputSign | None:
         """What fixes activation `a`'s (or `b`'s) grid sign: its PACT or its InputSign."""
-        a = operand == "a"
-        for sign in (self.pact_a, self.sign_a) if a else (self.pact_b, self.sign_b):
-            if sign is not None:
-                return sign
-        return None
+        pact, sign = (self.pact_a, self.sign_a) if operand == "a" else (self.pact_b, self.sign_b)
+        return pact if pact is not None else sign
 
     def signed(self, operand: str) -> bool:
         sign = self.input_sign(operand)
@@ -80,11 +77,10 @@ class QuantState(nn.Module):
     def gemm(self, a: Tensor, b: Tensor, ops: GemmOps, held_b: QuantizedB | None = None) -> Tensor:
         """Run the quantized GEMM family `ops` on (a, b); `held_b` is b from `hold_weight`."""
         alphas = []
-        for operand, x in (("a", a), ("b", b)):
+        for operand, pact, x in (("a", self.pact_a, a), ("b", self.pact_b, b)):
             sign = self.input_sign(operand)
             if sign is not None:
                 sign.observe(x)
-            pact = self.pact_a if operand == "a" else self.pact_b
             alphas.append(pact.clip_level() if pact is not None else None)
         inputs = (a, b, *alphas)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
