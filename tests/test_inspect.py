@@ -581,6 +581,50 @@ def test_cli_evaluate_runs_trained_weights_under_other_forwards(tmp_path, capsys
     )
     assert main(["evaluate", str(run), "--recalibrate", "-1"]) == 2
     assert "recalibrate must be a number of batches >= 0" in capsys.readouterr().err
+    assert main(["evaluate", str(run), "--bootstrap", "-1"]) == 2
+    assert "resamples must be a number of bootstrap draws >= 0" in capsys.readouterr().err
+
+
+def test_cli_evaluate_bootstraps_differences_to_the_first_forward_or_a_baseline_run(tmp_path, capsys):
+    """Every forward's metric gets a bootstrap interval over the test images; its difference
+    is to the first forward, or with --baseline to another run scored on the same images."""
+    data = _tiny_fashion(tmp_path / "data")
+    run, base = tmp_path / "ibm4", tmp_path / "fp32"
+    for recipe, folder in (("ibm4", run), ("fp32", base)):
+        cfg = RunConfig("fashion-resnet20", recipe, epochs=1, batch_size=48, seed=1, data_dir=str(data))
+        train(cfg, folder, progress=False)
+    out = tmp_path / "evaluate.json"
+    assert main(["evaluate", str(run), "--bootstrap", "300", "--json", str(out)]) == 0
+    own, fp32 = json.loads(out.read_text())["results"]
+    for row in (own, fp32):
+        b, accuracy = row["bootstrap"], row["metrics"]["accuracy"]
+        assert b["value"] == accuracy and b["low"] < accuracy < b["high"] and b["resamples"] == 300
+    assert "delta" not in own["bootstrap"]
+    assert fp32["bootstrap"]["delta"] == pytest.approx(
+        fp32["metrics"]["accuracy"] - own["metrics"]["accuracy"]
+    )
+    assert fp32["bootstrap"]["delta_low"] <= fp32["bootstrap"]["delta"] <= fp32["bootstrap"]["delta_high"]
+    assert "Δ" in capsys.readouterr().out
+
+    assert main(["evaluate", str(run), "--as", "own", "--baseline", str(base), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    baseline, (own,) = result["baseline"], result["results"]
+    last = json.loads((base / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (baseline["recipe"], baseline["run"]) == ("fp32", str(base))
+    assert baseline["metrics"] == {"accuracy": last["accuracy"], "test_loss": last["test_loss"]}
+    assert own["bootstrap"]["delta"] == pytest.approx(own["metrics"]["accuracy"] - last["accuracy"])
+    assert "baseline fp32" in capsys.readouterr().out
+
+    assert main(["evaluate", str(run), "--bootstrap", "0", "--json", str(out)]) == 0
+    assert all("bootstrap" not in row for row in json.loads(out.read_text())["results"])
+
+    other = tmp_path / "speech"
+    other.mkdir()
+    ckpt = torch.load(base / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["task"] = "speech-bilstm"
+    torch.save(ckpt, other / "checkpoint.pt")
+    assert main(["evaluate", str(run), "--baseline", str(other)]) == 2
+    assert "is a speech-bilstm run" in capsys.readouterr().err
 
 
 def test_recalibrated_batchnorm_holds_the_mean_of_its_batches_statistics():

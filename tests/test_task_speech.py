@@ -140,6 +140,9 @@ def test_metrics_from_a_model_that_outputs_fixed_logits():
     metrics = task.evaluate(Fixed(logits), [batch])  # second: "9 9" for "9 8 9", one deletion
     assert metrics["digit_error_rate"] == pytest.approx(100 * 1 / 5)
     assert metrics["string_accuracy"] == pytest.approx(50.0)
+    again, counts = task.evaluate_examples(Fixed(logits), [batch])
+    assert again == metrics and counts.tolist() == [[0.0, 2.0], [1.0, 3.0]]  # (errors, digits)
+    assert task.metric_from_counts(counts[1]) == pytest.approx(100 / 3)
 
 
 def test_synthetic_batch_has_the_real_shapes_and_trains():

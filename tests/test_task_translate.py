@@ -4,6 +4,7 @@ import shutil
 import subprocess
 
 import pytest
+import sacrebleu
 import torch
 from torch import nn
 
@@ -336,6 +337,19 @@ def test_one_training_step_and_an_evaluation(tmp_path, recipe):
     assert set(metrics) >= {"bleu", "loss"} and 0 <= metrics["bleu"] <= 100 and metrics["sentences"] == 3
     assert task.evaluate(model, loader, limit=1)["sentences"] == 1
     assert model.training  # evaluate puts the mode back
+
+    # per-sentence counts: their sums give back sacreBLEU's corpus BLEU of the same decodes
+    again, counts = task.evaluate_examples(model, loader)
+    model.eval()
+    with torch.no_grad():
+        hyps = [h for b in loader for h in task.decode(model, b["src"])]
+    refs = [r for b in loader for r in b["refs"]]
+    model.train()
+    assert again == metrics and counts.shape == (3, 10)
+    assert (
+        task.metric_from_counts(counts.sum(0)) == sacrebleu.corpus_bleu(hyps, [refs]).score == metrics["bleu"]
+    )
+    assert counts[:, 0].sum() == sacrebleu.corpus_bleu(hyps, [refs]).sys_len
 
 
 def test_cache_is_reused_and_rebuilt_when_corrupt(tmp_path):

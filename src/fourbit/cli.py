@@ -203,7 +203,8 @@ def cmd_evaluate(args) -> int:
     from fourbit import telemetry
     from fourbit.io import atomic_write
 
-    result = telemetry.evaluate_as(args.run, args.forwards or ["own", "fp32"], True, args.recalibrate)
+    forwards = args.forwards or ["own", "fp32"]
+    result = telemetry.evaluate_as(args.run, forwards, True, args.recalibrate, args.baseline, args.bootstrap)
     if args.json:
         atomic_write(args.json, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
         print(f"wrote {args.json}")
@@ -404,6 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--recalibrate", type=int, default=0, metavar="N",
         help="re-estimate every BatchNorm's running statistics under each forward over the first "
         "N training batches before scoring (the run's were gathered under its own forward)",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline", type=Path, metavar="RUN",
+        help="another run of the task (say the fp32 one), scored under its own recipe on the same "
+        "test examples; every forward's difference is then taken to it, not to the first forward",
+    )  # fmt: skip
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, metavar="N",
+        help="bootstrap draws of the test examples for each metric's 95%% interval and each "
+        "difference's paired one (0: none)",
     )  # fmt: skip
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_evaluate)

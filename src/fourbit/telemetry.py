@@ -798,7 +798,14 @@ def recalibrate_batchnorm(model: nn.Module, task: tasks.Task, batches: Iterable)
     return used
 
 
-def evaluate_as(run: Path, forwards: list[str], progress: bool = False, recalibrate: int = 0) -> dict:
+def evaluate_as(
+    run: Path,
+    forwards: list[str],
+    progress: bool = False,
+    recalibrate: int = 0,
+    baseline: Path | None = None,
+    resamples: int = 1000,
+) -> dict:
     """The test metrics of the weights checkpointed in `run`/checkpoint.pt under each of
     `forwards` (parse_forward: a recipe, maybe with a per-layer policy), on the run's test
     set. Against each other they split a quantized run's gap to fp32 in two: its forward's
@@ -808,51 +815,89 @@ def evaluate_as(run: Path, forwards: list[str], progress: bool = False, recalibr
     did not train with) starts as in training: from the first test batch. `recalibrate`
     N > 0: before scoring, each forward's BatchNorm statistics re-estimated over the first N
     training batches (in order, not augmented), since the run's were gathered under its own
-    forward."""
+    forward.
+
+    `baseline`: another run of the same task (say the fp32 run), scored under its own
+    recipe on the same test examples. `resamples` > 0: each metric gets a bootstrap
+    interval over the test examples (`tasks.bootstrap`, 95 %), and each row its difference
+    to the baseline, or without one to the first forward, with the paired interval."""
     if not isinstance(recalibrate, int) or recalibrate < 0:
         raise ValueError(f"recalibrate must be a number of batches >= 0; got {recalibrate!r}")
+    if not isinstance(resamples, int) or resamples < 0:
+        raise ValueError(f"resamples must be a number of bootstrap draws >= 0; got {resamples!r}")
     path = run / "checkpoint.pt"
     ckpt = load_checkpoint(path)
     trained = RunConfig(**ckpt["config"])
     task = tasks.get(trained.task)
     cfg = trained.resolved(task)
+    other = None
+    if baseline is not None:
+        other = load_checkpoint(baseline / "checkpoint.pt")
+        other_cfg = RunConfig(**other["config"])
+        if other_cfg.task != trained.task:
+            raise ValueError(f"the baseline {baseline} is a {other_cfg.task} run, {run} a {trained.task} run")
     train_set, test_loader = run_data(task, cfg)
     parsed = [parse_forward(f, trained.recipe) for f in forwards]  # every error before any evaluation
-    configs = [dataclasses.replace(cfg, recipe=recipe) for recipe, _ in parsed]
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, collate_fn=task.collate)
-    results = []
-    for forward, c, (recipe, policy) in zip(forwards, configs, parsed, strict=True):
+
+    def score(c: RunConfig, policy: dict, state: dict, where: Path) -> tuple[dict, Tensor]:
         t0 = time.perf_counter()
         model = run_model(task, c, train_set, policy)
-        fresh = load_trained(model, ckpt["model"], path)
+        fresh = load_trained(model, state, where)
         if recalibrate:
             recalibrate_batchnorm(model, task, itertools.islice(train_loader, recalibrate))
         model.eval()
         with torch.no_grad():
-            metrics = task.evaluate(model, test_loader)
-        row = {"forward": forward, "recipe": recipe, "policy": policy, "metrics": metrics,
-               "fresh_quantizer_state": fresh, "wall_time_s": time.perf_counter() - t0}  # fmt: skip
-        results.append(row)
-        if progress:
-            print(_evaluate_line(row, task.metric_name), flush=True)
-    return {
+            metrics, counts = task.evaluate_examples(model, test_loader)
+        row = {"metrics": metrics, "fresh_quantizer_state": fresh, "wall_time_s": time.perf_counter() - t0}
+        return row, counts
+
+    reference = None
+    result = {
         "format": "fourbit-evaluate",
-        "version": 1,
+        "version": 2,
         "run": str(run),
         "task": trained.task,
         "trained_recipe": trained.recipe,
         "progress": ckpt["progress"],  # where in training the weights are
         "recalibrate_batches": recalibrate,
         "metric_name": task.metric_name,
-        "results": results,
+        "bootstrap_resamples": resamples,
     }
+    if other is not None:
+        # (the baseline's own recipe and seed build its model; the test batches are the run's)
+        row, reference = score(other_cfg.resolved(task), {}, other["model"], baseline / "checkpoint.pt")
+        row = {"run": str(baseline), "recipe": other_cfg.recipe, "progress": other["progress"], **row}
+        if resamples:
+            row["bootstrap"] = tasks.bootstrap(task, reference, resamples=resamples)
+        result["baseline"] = row
+        if progress:
+            print(_evaluate_line(f"baseline {other_cfg.recipe}", row, task.metric_name), flush=True)
+    results = []
+    for forward, (recipe, policy) in zip(forwards, parsed, strict=True):
+        row, counts = score(dataclasses.replace(cfg, recipe=recipe), policy, ckpt["model"], path)
+        row = {"forward": forward, "recipe": recipe, "policy": policy, **row}
+        if resamples:
+            row["bootstrap"] = tasks.bootstrap(task, counts, reference, resamples)
+        reference = counts if reference is None else reference
+        results.append(row)
+        if progress:
+            print(_evaluate_line(forward, row, task.metric_name), flush=True)
+    result["results"] = results
+    return result
 
 
-def _evaluate_line(row: dict, metric_name: str) -> str:
-    """The forward, then its metrics, the task's own first."""
+def _evaluate_line(label: str, row: dict, metric_name: str) -> str:
+    """The label, then the metrics, the task's own first (with its bootstrap interval and
+    difference to the reference, when there is one)."""
     metrics = row["metrics"]
-    names = [metric_name] + [k for k in metrics if k != metric_name]
-    return f"{row['forward']:<40} " + "  ".join(f"{k} {metrics[k]:.4g}" for k in names)
+    text = f"{label:<40} {metric_name} {metrics[metric_name]:.4g}"
+    b = row.get("bootstrap")
+    if b is not None:
+        text += f" [{b['low']:.4g}, {b['high']:.4g}]"
+        if "delta" in b:
+            text += f"  Δ {b['delta']:+.3g} [{b['delta_low']:+.3g}, {b['delta_high']:+.3g}]"
+    return text + "".join(f"  {k} {v:.4g}" for k, v in metrics.items() if k != metric_name)
 
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from fourbit.tasks.base import OPTIMIZERS, Defaults, Task
+from fourbit.tasks.base import OPTIMIZERS, Defaults, Task, bootstrap
 
 # name -> (module, class); imported on first use so a task's dependencies load only for it
 _TASKS = {
@@ -26,4 +26,4 @@ def get(name: str) -> Task:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["OPTIMIZERS", "Defaults", "Task", "get", "names"]
+__all__ = ["OPTIMIZERS", "Defaults", "Task", "bootstrap", "get", "names"]

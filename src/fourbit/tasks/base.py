@@ -72,6 +72,64 @@ class Task(ABC):
     def loss(self, model: nn.Module, batch) -> tuple[Tensor, int]:
         """(mean training loss of the batch, number of examples in it)."""
 
-    @abstractmethod
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """Metrics over the batches (model in eval mode, no grad); includes `metric_name`."""
+        return self.evaluate_examples(model, batches)[0]
+
+    @abstractmethod
+    def evaluate_examples(self, model: nn.Module, batches) -> tuple[dict[str, float], Tensor]:
+        """`evaluate`'s metrics, and each example's counts behind `metric_name`: one float64
+        row per example, in the batches' order, whose column sums `metric_from_counts` turns
+        into the metric (what `bootstrap` resamples)."""
+
+    @abstractmethod
+    def metric_from_counts(self, totals: Tensor) -> float:
+        """`metric_name` from per-example counts summed over a set of examples."""
+
+
+def bootstrap(
+    task: Task,
+    counts: Tensor,
+    reference: Tensor | None = None,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Percentile bootstrap over the test examples: `resamples` draws of as many examples with
+    replacement, each scored by `task.metric_from_counts` (`counts`: `evaluate_examples`'s).
+    Gives the metric (`value`) and its interval at `level` (`low`, `high`); with `reference`,
+    the same examples in the same order under another model or forward, also `delta`, the
+    metric minus the reference's, and its interval over the same draws (the paired bootstrap
+    of Koehn 2004). It measures what the choice of test examples moves a number by, not what
+    another training seed would. The draws come from a generator seeded with `seed`."""
+    if counts.ndim != 2 or counts.shape[0] == 0:
+        raise ValueError(f"counts must be one row per example, at least one; got shape {tuple(counts.shape)}")
+    if reference is not None and reference.shape != counts.shape:
+        raise ValueError(
+            f"the reference's counts must be for the same examples: shape {tuple(reference.shape)} "
+            f"against {tuple(counts.shape)}"
+        )
+    if not isinstance(resamples, int) or resamples < 1:
+        raise ValueError(f"resamples must be a positive integer; got {resamples!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie strictly between 0 and 1; got {level!r}")
+    sides = [counts.double()] + ([] if reference is None else [reference.double()])
+    n = counts.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    scores: list[list[float]] = [[] for _ in sides]
+    for start in range(0, resamples, 256):  # (a chunk of weights at a time: n can be 10,000)
+        draws = torch.randint(n, (min(256, resamples - start), n), generator=generator)
+        weights = torch.zeros(draws.shape, dtype=torch.float64).scatter_add_(
+            1, draws, torch.ones(draws.shape, dtype=torch.float64)
+        )
+        for side, score in zip(sides, scores, strict=True):
+            score += [task.metric_from_counts(totals) for totals in weights @ side]
+    quantiles = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    values = torch.tensor(scores, dtype=torch.float64)
+    low, high = torch.quantile(values[0], quantiles).tolist()
+    result = {"value": task.metric_from_counts(sides[0].sum(0)), "low": low, "high": high,
+              "level": level, "resamples": resamples}  # fmt: skip
+    if reference is not None:
+        result["delta"] = result["value"] - task.metric_from_counts(sides[1].sum(0))
+        result["delta_low"], result["delta_high"] = torch.quantile(values[0] - values[1], quantiles).tolist()
+    return result

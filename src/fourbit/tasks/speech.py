@@ -588,10 +588,10 @@ class SpeechBiLSTM(Task):
         )
         return loss, int(batch[0].shape[0])
 
-    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+    def evaluate_examples(self, model: nn.Module, batches) -> tuple[dict[str, float], Tensor]:
         was_training = model.training
         model.eval()
-        errors = ref_total = correct = count = 0
+        rows: list[tuple[int, int]] = []  # (digit errors, reference digits) per utterance
         try:
             with torch.no_grad():
                 for batch in batches:
@@ -599,14 +599,15 @@ class SpeechBiLSTM(Task):
                     hyps = greedy_decode(logits, out_lengths)
                     for b, hyp in enumerate(hyps):
                         ref = batch[2][b, : int(batch[3][b])].tolist()
-                        d = edit_distance(ref, hyp)
-                        errors += d
-                        ref_total += len(ref)
-                        correct += d == 0
-                        count += 1
+                        rows.append((edit_distance(ref, hyp), len(ref)))
         finally:
             model.train(was_training)
-        return {
-            "digit_error_rate": 100.0 * errors / max(ref_total, 1),
-            "string_accuracy": 100.0 * correct / max(count, 1),
+        counts = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2)
+        metrics = {
+            "digit_error_rate": self.metric_from_counts(counts.sum(0)),
+            "string_accuracy": 100.0 * sum(d == 0 for d, _ in rows) / max(len(rows), 1),
         }
+        return metrics, counts
+
+    def metric_from_counts(self, totals: Tensor) -> float:
+        return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)

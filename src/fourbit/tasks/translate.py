@@ -61,6 +61,7 @@ INSTALL_HINT = f"install them with: sudo apt-get install {' '.join(PACKAGES)}"
 VERSE_RANGE = "Genesis 1:1-Revelation of John 22:21"
 TEST_BOOKS = ("Judges", "Ruth", "Romans")
 CACHE_VERSION = "translate-v1"
+BLEU_ORDER = 4  # n-grams up to 4: sacreBLEU's corpus_bleu default
 
 # ---------------------------------------------------------------------------------------
 # Parsing diatheke's plain output
@@ -663,7 +664,14 @@ class TranslateTransformer(Task):
     def evaluate(self, model: nn.Module, batches, limit: int | None = None) -> dict[str, float]:
         """BLEU of greedy decodes and the mean token cross-entropy (no smoothing) over the
         first `limit` sentences (default: `eval_sentences`, None = all)."""
-        import sacrebleu
+        return self.evaluate_examples(model, batches, limit)[0]
+
+    def evaluate_examples(
+        self, model: nn.Module, batches, limit: int | None = None
+    ) -> tuple[dict[str, float], Tensor]:
+        """`evaluate`, and per sentence sacreBLEU's counts: hypothesis and reference length,
+        then the matched and the total n-grams for n = 1…4."""
+        from sacrebleu.metrics import BLEU
 
         limit = self.eval_sentences if limit is None else limit
         was_training = model.training
@@ -695,5 +703,22 @@ class TranslateTransformer(Task):
                     refs += batch["refs"]
         finally:
             model.train(was_training)
-        bleu = sacrebleu.corpus_bleu(hyps, [refs]).score if hyps else 0.0
-        return {"bleu": bleu, "loss": total / max(tokens, 1), "sentences": float(len(hyps))}
+        scorer = BLEU(effective_order=True)  # (a sentence's counts do not depend on it; it
+        # only silences sacreBLEU's advice for sentence scores)
+        rows = []
+        for hyp, ref in zip(hyps, refs, strict=True):
+            score = scorer.sentence_score(hyp, [ref])
+            rows.append([score.sys_len, score.ref_len, *score.counts, *score.totals])
+        counts = torch.tensor(rows, dtype=torch.float64).reshape(-1, 2 + 2 * BLEU_ORDER)
+        bleu = self.metric_from_counts(counts.sum(0)) if hyps else 0.0
+        return {"bleu": bleu, "loss": total / max(tokens, 1), "sentences": float(len(hyps))}, counts
+
+    def metric_from_counts(self, totals: Tensor) -> float:
+        """Corpus BLEU as sacreBLEU computes it from summed counts (its default exponential
+        smoothing of zero n-gram matches)."""
+        from sacrebleu.metrics import BLEU
+
+        n = BLEU_ORDER
+        sys_len, ref_len = int(totals[0]), int(totals[1])
+        correct, total = [int(v) for v in totals[2 : 2 + n]], [int(v) for v in totals[2 + n :]]
+        return BLEU.compute_bleu(correct, total, sys_len, ref_len, "exp", max_ngram_order=n).score

@@ -110,15 +110,20 @@ class _VisionTask(Task):
         images, labels = batch
         return F.cross_entropy(model(images), labels), len(labels)
 
-    def evaluate(self, model, batches):
-        correct = total = 0
+    def evaluate_examples(self, model, batches):
+        hits: list[Tensor] = []
         loss = 0.0
         for images, labels in batches:
             logits = model(images)
             loss += F.cross_entropy(logits.float(), labels, reduction="sum").item()
-            correct += (logits.argmax(1) == labels).sum().item()
-            total += len(labels)
-        return {"accuracy": 100.0 * correct / max(total, 1), "test_loss": loss / max(total, 1)}
+            hits.append(logits.argmax(1) == labels)
+        correct = torch.cat(hits).double() if hits else torch.zeros(0, dtype=torch.float64)
+        counts = torch.stack([correct, torch.ones_like(correct)], 1)  # (right, 1) per image
+        total = max(len(correct), 1)
+        return {"accuracy": 100.0 * float(correct.sum()) / total, "test_loss": loss / total}, counts
+
+    def metric_from_counts(self, totals):
+        return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)
 
 
 # -- ResNet-20 (He et al. 2016, CIFAR variant) ---------------------------------------------------
