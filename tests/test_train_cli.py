@@ -16,7 +16,7 @@ from fourbit.cli import compare_table, main
 from fourbit.io import source_commit
 from fourbit.tasks.idx import DataError
 from fourbit.tasks.vision import load_cifar10, load_images
-from fourbit.train import RunConfig, load_checkpoint, train
+from fourbit.train import RunConfig, load_checkpoint, load_test_counts, train
 
 from .test_cli import _write_idx
 
@@ -169,6 +169,21 @@ def test_cli_compare_writes_table_and_plot(tmp_path, capsys):
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     assert "| ibm4 |" in capsys.readouterr().out
 
+    # each run keeps its last evaluation's per-example counts; the table bootstraps them
+    task = tasks.get("fashion-resnet20")
+    fp32, ibm4 = (load_test_counts(out / r, 1) for r in ("fp32", "ibm4"))
+    for recipe, counts in (("fp32", fp32), ("ibm4", ibm4)):
+        summary = json.loads((out / recipe / "summary.json").read_text())
+        assert counts.shape[1] == 2 and bool((counts[:, 1] == 1).all())  # (right, 1) per image
+        assert task.metric_from_counts(counts.sum(0)) == summary["metric"]
+    assert load_test_counts(out / "ibm4", 2) is None and load_test_counts(tmp_path, 1) is None
+    b = tasks.bootstrap(task, ibm4, fp32)
+    assert f"{b['delta']:+.2f} [{b['delta_low']:+.2f}, {b['delta_high']:+.2f}]" in table
+    assert "95 % bootstrap intervals" in table
+    (out / "ibm4" / "test_counts.pt").unlink()  # a run without them: a table without intervals
+    assert main(argv + ["--resume"]) == 0
+    assert "bootstrap" not in (out / "compare.md").read_text()
+
 
 def test_curves_of_many_runs_are_told_apart(tmp_path, monkeypatch):
     # a headline of 12 recipes outruns matplotlib's 10 colours: no two lines may look alike
@@ -202,6 +217,12 @@ def test_compare_table_has_deltas_against_fp32_and_fp16():
     assert compare_table(two, times=False).splitlines()[2:] == [
         "| fp32 | 90.00 | +0.00 |",
         "| ibm4 | 89.00 | -1.00 |",
+    ]
+    intervals = [{"low": 89.0, "high": 91.004}, {"low": 88.1, "high": 90.0, "delta": -1.0,
+                                                 "delta_low": -1.5, "delta_high": -0.496}]  # fmt: skip
+    assert compare_table(two, times=False, intervals=intervals).splitlines()[2:] == [
+        "| fp32 | 90.00 [89.00, 91.00] | +0.00 |",
+        "| ibm4 | 89.00 [88.10, 90.00] | -1.00 [-1.50, -0.50] |",
     ]
 
 

@@ -108,10 +108,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def compare_table(summaries: list[dict], times: bool = True) -> str:
+def compare_table(summaries: list[dict], times: bool = True, intervals: list[dict] | None = None) -> str:
     """Markdown in the paper's style: recipe, metric, Δ vs the first recipe, Δ vs fp16 (when
     fp16 is among them and not first), time per epoch relative to the first (unless not
-    `times`: runs timed under different loads or thread counts do not compare)."""
+    `times`: runs timed under different loads or thread counts do not compare). `intervals`:
+    one `tasks.bootstrap` result per summary (after the first, paired with the first's),
+    written after the metric and its Δ vs the first recipe."""
     base = summaries[0]
     name = base["metric_name"]
     fp16 = next((s for s in summaries[1:] if s["recipe"] == "fp16"), None)
@@ -119,11 +121,30 @@ def compare_table(summaries: list[dict], times: bool = True) -> str:
     deltas = " | ".join(f"Δ vs {r['recipe']}" for r in refs)
     time_column = f" time per epoch vs {base['recipe']} |" if times else ""
     lines = [f"| recipe | {name} | {deltas} |{time_column}", "|---|---|" + "---|" * (len(refs) + times)]
-    for s in summaries:
-        delta = " | ".join(f"{s['metric'] - r['metric']:+.2f}" for r in refs)
+    for i, s in enumerate(summaries):
+        metric = f"{s['metric']:.2f}"
+        delta = [f"{s['metric'] - r['metric']:+.2f}" for r in refs]
+        if intervals is not None:
+            b = intervals[i]
+            metric += f" [{b['low']:.2f}, {b['high']:.2f}]"
+            if "delta" in b:
+                delta[0] += f" [{b['delta_low']:+.2f}, {b['delta_high']:+.2f}]"
         ratio = f" {s['epoch_time_s'] / base['epoch_time_s']:.2f}× |" if times else ""
-        lines.append(f"| {s['recipe']} | {s['metric']:.2f} | {delta} |{ratio}")
+        lines.append(f"| {s['recipe']} | {metric} | {' | '.join(delta)} |{ratio}")
     return "\n".join(lines) + "\n"
+
+
+def compare_intervals(task_name: str, out: Path, summaries: list[dict]) -> list[dict] | None:
+    """Bootstrap intervals for `compare_table` from the runs' kept test counts (paired with the
+    first run's: a compare scores every recipe on the same examples); None when a run has none."""
+    from fourbit import tasks
+    from fourbit.train import load_test_counts
+
+    counts = [load_test_counts(out / s["recipe"], s["epochs"]) for s in summaries]
+    if any(c is None for c in counts) or len({tuple(c.shape) for c in counts}) != 1:
+        return None
+    task = tasks.get(task_name)
+    return [tasks.bootstrap(task, c, None if i == 0 else counts[0]) for i, c in enumerate(counts)]
 
 
 def cmd_compare(args) -> int:
@@ -146,11 +167,18 @@ def cmd_compare(args) -> int:
         histories[cfg.recipe] = [json.loads(line) for line in lines]
     if not distributed.is_main():  # (torchrun's other ranks)
         return 0
-    table = compare_table(summaries)
+    intervals = compare_intervals(args.task, out, summaries)
+    table = compare_table(summaries, intervals=intervals)
     header = (
         f"# {args.task}: {', '.join(names)}\n\nSame seed ({args.seed}) and data order for every recipe; "
-        f"{summaries[0]['epochs']} epochs, train limit {summaries[0]['train_limit']}.\n\n"
+        f"{summaries[0]['epochs']} epochs, train limit {summaries[0]['train_limit']}."
     )
+    if intervals is not None:
+        header += (
+            f" In brackets: 95 % bootstrap intervals over the test examples ({intervals[0]['resamples']} "
+            f"draws); the Δ vs {names[0]}'s are paired."
+        )
+    header += "\n\n"
     atomic_write(out / "compare.md", lambda tmp: tmp.write_text(header + table))
     plot = plot_curves(histories, summaries[0]["metric_name"], out / "compare.png")
     print(table)

@@ -53,6 +53,8 @@ OPERATIONAL_FIELDS = ("checkpoint_every", "max_skipped_steps")
 
 EXIT_DIVERGED = 3  # the CLI's exit status after max_skipped_steps skipped steps in a row
 
+TEST_COUNTS = "test_counts.pt"  # in a run's folder: its last evaluation's per-example counts
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -188,6 +190,17 @@ def load_checkpoint(path: Path, mmap: bool = False) -> dict:
         version = ckpt.get("version")
         raise ValueError(f"{path} has checkpoint version {version}; this fourbit reads {CHECKPOINT_VERSION}")
     return ckpt
+
+
+def load_test_counts(run: Path, epoch: int) -> Tensor | None:
+    """The per-example counts (`Task.evaluate_examples`) of the run's evaluation after
+    `epoch`; None where the run did not keep them (runs before they were kept; an evaluation
+    of another epoch)."""
+    try:
+        saved = torch.load(run / TEST_COUNTS, weights_only=True)
+    except FileNotFoundError:
+        return None
+    return saved["counts"] if saved.get("epoch") == epoch else None
 
 
 def check_same_run(ckpt: dict, cfg: RunConfig, path: Path) -> None:
@@ -595,7 +608,10 @@ class _Run:
         if distributed.is_main():
             self.model.eval()
             with torch.no_grad():
-                metrics = task.evaluate(self.model, self.test_loader)
+                metrics, counts = task.evaluate_examples(self.model, self.test_loader)
+            # the last evaluation's per-example counts: what `fourbit compare` bootstraps
+            test_counts = {"epoch": pos.epoch + 1, "counts": counts}
+            atomic_write(self.out / TEST_COUNTS, lambda tmp: torch.save(test_counts, tmp))
             record = {
                 "epoch": pos.epoch + 1,
                 "train_loss": pos.loss_sum / max(pos.loss_seen, 1),
