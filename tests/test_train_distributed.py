@@ -98,8 +98,9 @@ def test_two_ranks_end_bit_identical_and_trained(fp4_run):
 
 def test_only_rank_0_writes_and_metrics_cover_both_shards(fp4_run):
     out, ranks = fp4_run
-    # a checkpoint each epoch, metrics.jsonl each epoch, then summary.json (curves.png is plotted)
-    assert ranks[0]["written"] == ["metrics.jsonl", "checkpoint.pt"] * 2 + ["summary.json"]
+    # each epoch the test counts, metrics.jsonl and a checkpoint, then summary.json (curves.png
+    # is plotted)
+    assert ranks[0]["written"] == ["test_counts.pt", "metrics.jsonl", "checkpoint.pt"] * 2 + ["summary.json"]
     assert ranks[1]["written"] == []
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
