@@ -413,7 +413,8 @@ def test_recipe_presets_are_the_spec_table():
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
         "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs",
-        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-fp16fwd",
+        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-usawb-nvprobs-fp16grad",
+        "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -510,6 +511,15 @@ def test_recipe_presets_are_the_spec_table():
         ibm4.default.activation,
         FP16,
     )
+    # the diagnostic: usawb's forward everywhere, ibm4-fp16grad's gradients everywhere
+    usawb16 = recipes.get("ibm4-usawb-nvprobs-fp16grad")
+    for role in ("default", "attention_probs", "matmul"):
+        spec, forward = usawb16.spec_for(role), usawb.spec_for(role)
+        assert (spec.weight, spec.activation) == (forward.weight, forward.activation), role
+        assert (spec.grad_dx, spec.grad_dw, spec.tpr, spec.gradscale) == (
+            grad.grad_dx, grad.grad_dw, grad.tpr, grad.gradscale,
+        ), role  # fmt: skip
+    assert usawb16.spec_for("first") == usawb.spec_for("first")
     matmul = recipes.get("ibm4-matmul-fp16grad")
     assert matmul.default == ibm4.default and matmul.spec_for("first") == ibm4.spec_for("first")
     assert matmul.spec_for("matmul") == matmul.spec_for("attention_probs") == grad

@@ -356,6 +356,14 @@ _PRESETS = [
         **NV_GRADIENTS,
     ),
     _ibm4_variant(
+        "ibm4-usawb-nvprobs-fp16grad",
+        "diagnostic: ibm4-usawb-nvfp4grad-nvprobs's 4-bit forward with fp16 gradients (what its "
+        "NVFP4 gradients cost)",
+        roles={"attention_probs": dataclasses.replace(NV_PROBS, **FP16_GRADIENTS)},
+        activation=UNSIGNED_SAWB_ACTIVATION,
+        **FP16_GRADIENTS,
+    ),
+    _ibm4_variant(
         "ibm4-fp16fwd",
         "diagnostic: fp16 weights and activations with ibm4's 4-bit gradients (the other half)",
         weight=OperandSpec("fp16"),
