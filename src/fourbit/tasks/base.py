@@ -87,6 +87,11 @@ class Task(ABC):
         """`metric_name` from per-example counts summed over a set of examples."""
 
 
+def percentage(totals: Tensor) -> float:
+    """100 × the first summed count over the second (right/images, errors/reference digits)."""
+    return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)
+
+
 def bootstrap(
     task: Task,
     counts: Tensor,

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from fourbit.io import atomic_write
-from fourbit.tasks.base import Defaults, Task
+from fourbit.tasks.base import Defaults, Task, percentage
 from fourbit.tasks.idx import DataError
 
 ESPEAK = "espeak-ng"
@@ -610,4 +610,4 @@ class SpeechBiLSTM(Task):
         return metrics, counts
 
     def metric_from_counts(self, totals: Tensor) -> float:
-        return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)
+        return percentage(totals)

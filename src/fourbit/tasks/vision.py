@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from fourbit.tasks.base import Defaults, Task
+from fourbit.tasks.base import Defaults, Task, percentage
 from fourbit.tasks.idx import FASHION_MNIST_DIR, FASHION_MNIST_PACKAGE, DataError, load_idx_split
 
 
@@ -123,7 +123,7 @@ class _VisionTask(Task):
         return {"accuracy": 100.0 * float(correct.sum()) / total, "test_loss": loss / total}, counts
 
     def metric_from_counts(self, totals):
-        return 100.0 * float(totals[0]) / max(float(totals[1]), 1.0)
+        return percentage(totals)
 
 
 # -- ResNet-20 (He et al. 2016, CIFAR variant) ---------------------------------------------------
