@@ -413,8 +413,8 @@ def test_recipe_presets_are_the_spec_table():
         "ibm4-radix8", "ibm4-fp16acc", "ibm4-pw-hfp8", "ibm4-lstm-sawb", "ibm4-sawb", "ibm4-gradsr",
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
         "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs",
-        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-usawb-nvprobs-fp16grad",
-        "ibm4-fp16fwd",
+        "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4rtngrad-nvprobs",
+        "ibm4-usawb-nvprobs-fp16grad", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -520,6 +520,16 @@ def test_recipe_presets_are_the_spec_table():
             grad.grad_dx, grad.grad_dw, grad.tpr, grad.gradscale,
         ), role  # fmt: skip
     assert usawb16.spec_for("first") == usawb.spec_for("first")
+    # usawb with its NVFP4 gradients rounded to nearest, everything else as usawb
+    rtn = recipes.get("ibm4-usawb-nvfp4rtngrad-nvprobs")
+    for role in ("default", "attention_probs", "matmul", "first", "last"):
+        spec, stochastic = rtn.spec_for(role), usawb.spec_for(role)
+        if role in ("first", "last"):
+            assert spec == stochastic, role
+            continue
+        assert spec.grad_dx == spec.grad_dw == OperandSpec("nvfp4") and spec.grad_dx.rounding is None, role
+        assert stochastic.grad_dx.rounding == "stochastic", role
+        assert dataclasses.replace(spec, grad_dx=stochastic.grad_dx, grad_dw=stochastic.grad_dw) == stochastic
     matmul = recipes.get("ibm4-matmul-fp16grad")
     assert matmul.default == ibm4.default and matmul.spec_for("first") == ibm4.spec_for("first")
     assert matmul.spec_for("matmul") == matmul.spec_for("attention_probs") == grad

@@ -220,6 +220,9 @@ MX = OperandSpec("mxfp4")
 NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
 # NVFP4 gradients into both backward GEMMs: the blocks carry the scale, so no GradScale, no TPR
 NV_GRADIENTS = dict(_gradients(NV_GRAD), tpr=False, gradscale="none")
+# the same rounded to nearest, as mxfp4's gradients are: half stochastic rounding's mean square
+# error, all of it bias instead of noise
+NV_NEAREST_GRADIENTS = dict(NV_GRADIENTS, **_gradients("nvfp4"))
 SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step, not a PACT clip
 # the same, on the unsigned grid 0 ... 15 where the input is nonnegative (after a ReLU), as
 # PACT's grid is, not on the nonnegative half of the signed one
@@ -354,6 +357,15 @@ _PRESETS = [
         roles={"attention_probs": NV_PROBS},
         activation=UNSIGNED_SAWB_ACTIVATION,
         **NV_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-usawb-nvfp4rtngrad-nvprobs",
+        "ibm4-usawb-nvfp4grad-nvprobs with its NVFP4 gradients rounded to nearest instead of "
+        "stochastically (as mxfp4's): whether stochastic rounding's noise is what stalls the last, "
+        "low-learning-rate epoch",
+        roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
+        activation=UNSIGNED_SAWB_ACTIVATION,
+        **NV_NEAREST_GRADIENTS,
     ),
     _ibm4_variant(
         "ibm4-usawb-nvprobs-fp16grad",
