@@ -221,7 +221,7 @@ NV_GRAD = OperandSpec("nvfp4", rounding="stochastic")
 # NVFP4 gradients into both backward GEMMs: the blocks carry the scale, so no GradScale, no TPR
 NV_GRADIENTS = dict(_gradients(NV_GRAD), tpr=False, gradscale="none")
 # the same rounded to nearest, as mxfp4's gradients are: half stochastic rounding's mean square
-# error, all of it bias instead of noise
+# error, a fixed function of the value instead of zero-mean noise
 NV_NEAREST_GRADIENTS = dict(NV_GRADIENTS, **_gradients("nvfp4"))
 SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step, not a PACT clip
 # the same, on the unsigned grid 0 ... 15 where the input is nonnegative (after a ReLU), as
@@ -361,7 +361,7 @@ _PRESETS = [
     _ibm4_variant(
         "ibm4-usawb-nvfp4rtngrad-nvprobs",
         "ibm4-usawb-nvfp4grad-nvprobs with its NVFP4 gradients rounded to nearest instead of "
-        "stochastically (as mxfp4's): whether stochastic rounding's noise is what stalls the last, "
+        "stochastically (as mxfp4's): whether stochastic rounding's noise is what costs the last, "
         "low-learning-rate epoch",
         roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
         activation=UNSIGNED_SAWB_ACTIVATION,
