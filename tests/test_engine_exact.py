@@ -13,7 +13,7 @@ from fourbit.nn import LayerSpec, OperandSpec, QConv1d, QConv2d, QLinear, QMatmu
 from fourbit.nn.gemm import chunked_fp16, conv_ops, random_hadamard
 from fourbit.nn.lstm import QLSTM
 from fourbit.nn.quant import pack_bits, pack_nibbles, unpack_bits, unpack_nibbles
-from fourbit.scaling import sawb_scale
+from fourbit.scaling import mse_scale, sawb_scale
 
 INT4, UINT4, RADIX4 = formats.get("int4"), formats.get("uint4"), formats.get("fp4_radix4")
 IBM4 = recipes.get("ibm4").default
@@ -383,8 +383,39 @@ def test_unsigned_sawb_fixes_each_matmul_operand_and_the_lstm_state_on_its_own()
     assert lstm.quant["l0_ih"].sign_a.signed.item() == 0
 
 
+def test_mse_activation_is_each_tensors_own_clip_on_the_grid_its_sign_picks():
+    """The `mse` scaler in a layer: exactly the GEMM of the operands quantized with
+    scaling.mse_scale, the unsigned grid after a ReLU and the signed one otherwise, as SAWB's."""
+    lin = nn.Linear(48, 24)
+    act = OperandSpec("uint4", "mse")
+    w = lin.weight.detach()
+    qw = INT4.quantize(w, sawb_scale(w, INT4))
+    for x, grid, signed in (
+        (torch.randn(64, 48, generator=_gen(27)).relu(), UINT4, 0),
+        (torch.randn(64, 48, generator=_gen(28)), INT4, 1),
+    ):
+        q = QLinear.from_float(lin, LayerSpec(OperandSpec("int4", "sawb"), act))
+        x = x.requires_grad_()
+        qa = grid.quantize(x.detach(), mse_scale(x, grid))
+        assert not torch.equal(mse_scale(x, grid), sawb_scale(x, grid))
+        y = q(x)
+        assert torch.equal(y, F.linear(qa, qw) + lin.bias) and q.quant.sign_a.signed.item() == signed
+        dy = torch.randn(64, 24, generator=_gen(29))
+        y.backward(dy)
+        assert torch.equal(lin.weight.grad, dy.t() @ qa)
+        lin.weight.grad = None
+    m = QMatmul(LayerSpec(activation=act))
+    p = torch.rand(2, 5, 8, generator=_gen(24)).softmax(-1)
+    v = torch.randn(2, 8, 3, generator=_gen(25))
+    assert torch.equal(m(p, v), UINT4.quantize(p, mse_scale(p, UINT4)) @ INT4.quantize(v, mse_scale(v, INT4)))
+    with pytest.raises(ValueError, match="integer format"):
+        OperandSpec("nvfp4", "mse")
+    with pytest.raises(ValueError, match="granularity 'row'"):
+        OperandSpec("int4", "mse", granularity="row")
+
+
 def test_a_hadamard_turn_refuses_a_grid_whose_sign_the_input_fixes():
-    for act in (UNSIGNED_SAWB, OperandSpec("uint4", "pact")):
+    for act in (UNSIGNED_SAWB, OperandSpec("uint4", "mse"), OperandSpec("uint4", "pact")):
         with pytest.raises(ValueError, match="hadamard_dw turns the raw activation.*signed or block"):
             LayerSpec(activation=act, hadamard_dw=True)
 
@@ -414,7 +445,7 @@ def test_recipe_presets_are_the_spec_table():
         "ibm4-luqgrad", "ibm4-fp16grad", "ibm4-matmul-fp16grad", "ibm4-fp16dx", "ibm4-fp16dw", "ibm4-nvfp4dx",
         "ibm4-nvfp4grad", "ibm4-sawb-nvfp4grad", "ibm4-sawb-nvfp4grad-nvprobs",
         "ibm4-rowsawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4grad-nvprobs", "ibm4-usawb-nvfp4rtngrad-nvprobs",
-        "ibm4-usawb-nvprobs-fp16grad", "ibm4-fp16fwd",
+        "ibm4-umse-nvfp4rtngrad-nvprobs", "ibm4-usawb-nvprobs-fp16grad", "ibm4-fp16fwd",
         "all4", "luq4", "mxfp4", "nvfp4",
     ]  # fmt: skip
     ibm4 = recipes.get("ibm4")
@@ -528,6 +559,15 @@ def test_recipe_presets_are_the_spec_table():
         assert spec.grad_dx == spec.grad_dw == OperandSpec("nvfp4") and spec.grad_dx.rounding is None, role
         assert stochastic.grad_dx.rounding == "stochastic", role
         assert dataclasses.replace(spec, grad_dx=stochastic.grad_dx, grad_dw=stochastic.grad_dw) == stochastic
+    # rtn with its activations' clips fitted by the MSE estimate, everything else as rtn
+    umse = recipes.get("ibm4-umse-nvfp4rtngrad-nvprobs")
+    assert umse.spec_for("first") == rtn.spec_for("first") and umse.spec_for("last") == rtn.spec_for("last")
+    assert umse.spec_for("attention_probs") == rtn.spec_for("attention_probs")
+    for role in ("default", "matmul"):
+        spec = umse.spec_for(role)
+        assert spec.activation == OperandSpec("uint4", "mse") and spec.weight == rtn.spec_for(role).weight
+        assert dataclasses.replace(spec, activation=UNSIGNED_SAWB) == rtn.spec_for(role), role
+    assert umse.default.activation.for_signed_input == OperandSpec("int4", "mse")
     matmul = recipes.get("ibm4-matmul-fp16grad")
     assert matmul.default == ibm4.default and matmul.spec_for("first") == ibm4.spec_for("first")
     assert matmul.spec_for("matmul") == matmul.spec_for("attention_probs") == grad

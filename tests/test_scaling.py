@@ -1,4 +1,4 @@
-"""Scalers against hand computations: SAWB, Max, PACT (values and gradients), GradScale."""
+"""Scalers against hand computations: SAWB, the MSE clip, Max, PACT (values and gradients), GradScale."""
 
 import numpy as np
 import pytest
@@ -7,9 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fourbit import formats
-from fourbit.scaling import PACT, SAWB_COEFFICIENTS, GradScale, max_scale, nonfinite_gradients, sawb_scale
+from fourbit.scaling import (
+    PACT,
+    SAWB_COEFFICIENTS,
+    GradScale,
+    max_scale,
+    mse_scale,
+    nonfinite_gradients,
+    sawb_scale,
+)
 
-INT4 = formats.get("int4")
+INT4, UINT4 = formats.get("int4"), formats.get("uint4")
 
 
 def test_sawb_matches_the_published_formula():
@@ -47,6 +55,108 @@ def test_row_scales_are_each_rows_own_fit():
     assert torch.equal(sawb_scale(x, INT4, dim=-1)[[2, 4], 0], torch.tensor([1.0, 0.5 / 7]))
     assert torch.equal(max_scale(torch.zeros(3, 0), INT4, dim=-1), torch.ones(3, 1))
     assert torch.equal(sawb_scale(torch.zeros(3, 0), INT4, dim=-1), torch.ones(3, 1))
+
+
+def _mse_clip_reference(x: torch.Tensor, qmax: int, n: int) -> float:
+    """mse_scale's documented estimate, value by value in float64: every clip amax·j/n
+    scored, each nonzero |x| at the middle of its bin; the first smallest wins. Returns the scale."""
+    a = np.abs(x.double().numpy()).ravel()
+    amax = a.max()
+    best = None
+    for j in range(1, n + 1):
+        alpha = amax * j / n
+        estimate = 0.0
+        for v in a[a > 0]:
+            k = min(int(v * n / amax), n - 1)
+            middle = (k + 0.5) * amax / n
+            estimate += alpha**2 / (12 * qmax**2) if k < j else (middle - alpha) ** 2
+        if best is None or estimate < best[0]:
+            best = (estimate, alpha)
+    return best[1] / qmax
+
+
+def _quantization_mse(x, fmt, scale) -> float:
+    return float((fmt.quantize(x, torch.as_tensor(scale, dtype=torch.float32)) - x).double().square().mean())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_mse_clip_is_the_estimates_minimum_value_by_value(seed):
+    g = torch.Generator().manual_seed(seed)
+    for x, fmt in (
+        (torch.randn(300, generator=g), INT4),
+        (torch.randn(300, generator=g).relu(), UINT4),  # half exact zeros: no noise for them
+        (torch.randn(300, generator=g).exp(), UINT4),
+    ):
+        assert mse_scale(x, fmt, candidates=48).item() == pytest.approx(
+            _mse_clip_reference(x, fmt.qmax, 48), rel=1e-6
+        )
+
+
+def test_mse_clip_hand_computed():
+    # 10,000 ones and one 10 on 0 ... 15, clips 1 ... 10: the ones sit in bin 1 (middle 1.5),
+    # the 10 in bin 9 (middle 9.5). Clip 1 clips every one: 10000·0.5² + 8.5²; clip 2 keeps them:
+    # 4/2700·10000 + 7.5² = 71.1; clip 3: 9/2700·10000 + 6.5² = 75.6; clip 10: 100/2700·10001 = 370
+    x = torch.cat([torch.ones(10_000), torch.tensor([10.0, 0.0, 0.0])])
+    assert mse_scale(x, UINT4, candidates=10).item() == pytest.approx(2 / 15)
+    # without the crowd of ones the outlier is worth keeping: clip 10 (2 ones: 100/2700·3 = 0.11)
+    assert mse_scale(torch.tensor([1.0, 1.0, 10.0]), UINT4, candidates=10).item() == pytest.approx(10 / 15)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["gaussian", "laplace", "rectified gaussian", "uniform", "student-t 3"],
+)
+def test_mse_clip_lands_near_the_best_clip_and_beats_sawb_off_the_bell(shape):
+    """The true quantization MSE at mse_scale's clip against the best of 1,000 clips found by
+    brute force: within 2 % for every shape. SAWB's fit is as good on bell shapes and 45 %
+    worse on a rectified Gaussian (its unsigned clip is the signed grid's)."""
+    g = torch.Generator().manual_seed(5)
+    n = 100_000
+    gauss, sign = torch.randn(n, generator=g), torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    x = {
+        "gaussian": gauss,
+        "laplace": torch.empty(n).exponential_(generator=g) * sign,
+        "rectified gaussian": gauss.relu(),
+        "uniform": torch.rand(n, generator=g) * 2 - 1,
+        "student-t 3": gauss / torch.randn(3, n, generator=g).square().mean(0).sqrt(),
+    }[shape]
+    fmt = UINT4 if bool((x >= 0).all()) else INT4
+    amax = float(x.abs().max())
+    best = min(_quantization_mse(x, fmt, amax * f / 1000 / fmt.qmax) for f in range(5, 1001))
+    got = _quantization_mse(x, fmt, mse_scale(x, fmt))
+    assert got <= 1.02 * best  # (the brute force tries other clips: it can land above)
+    sawb = _quantization_mse(x, fmt, sawb_scale(x, fmt))
+    if shape == "rectified gaussian":
+        assert sawb > 1.4 * got
+    else:
+        assert got <= 1.02 * sawb
+
+
+finite = st.floats(min_value=1e-6, max_value=1e6) | st.just(0.0)
+
+
+@given(st.lists(finite, min_size=1, max_size=50), st.lists(st.booleans(), min_size=50, max_size=50),
+       st.integers(-8, 8))  # fmt: skip
+def test_mse_clip_follows_the_magnitudes_only(values, negative, power):
+    """Scaled by a power of two, the scale scales exactly; signs and order do not matter."""
+    x = torch.tensor(values, dtype=torch.float32)
+    signed = torch.where(torch.tensor(negative[: len(values)]), -x, x)
+    s = mse_scale(x, UINT4)
+    assert s.dtype == torch.float32 and s.ndim == 0 and bool(s > 0)
+    if bool((x > 0).any()):
+        assert torch.equal(mse_scale(x * 2.0**power, UINT4), s * 2.0**power)
+    assert torch.equal(mse_scale(signed, UINT4), s)
+    assert torch.equal(mse_scale(x.flip(0), UINT4), s)
+
+
+def test_mse_clip_degenerate_inputs():
+    assert mse_scale(torch.zeros(10), INT4).item() == 1.0
+    assert mse_scale(torch.zeros(0), INT4).item() == 1.0
+    assert mse_scale(torch.tensor([3.0]), INT4, candidates=1).item() == pytest.approx(3 / 7)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert torch.isnan(mse_scale(torch.tensor([1.0, bad]), INT4))
+    with pytest.raises(ValueError, match="candidates must be a positive integer"):
+        mse_scale(torch.ones(3), INT4, candidates=0)
 
 
 def test_max_scale_maps_amax_to_the_top_value():

@@ -227,6 +227,9 @@ SAWB_ACTIVATION = OperandSpec("int4", "sawb")  # a SAWB scale fitted every step,
 # the same, on the unsigned grid 0 ... 15 where the input is nonnegative (after a ReLU), as
 # PACT's grid is, not on the nonnegative half of the signed one
 UNSIGNED_SAWB_ACTIVATION = OperandSpec("uint4", "sawb")
+# the same grids with the clip that minimizes each tensor's estimated quantization MSE: on the
+# unsigned grid SAWB's clip is the signed grid's (fitted for 7 steps a side, not 15)
+UNSIGNED_MSE_ACTIVATION = OperandSpec("uint4", "mse")
 # attention probabilities and the values they mix in NVFP4 (blocks of 16 keys), NVFP4 gradients
 NV_PROBS = dataclasses.replace(IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS)
 
@@ -365,6 +368,15 @@ _PRESETS = [
         "low-learning-rate epoch",
         roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
         activation=UNSIGNED_SAWB_ACTIVATION,
+        **NV_NEAREST_GRADIENTS,
+    ),
+    _ibm4_variant(
+        "ibm4-umse-nvfp4rtngrad-nvprobs",
+        "ibm4-usawb-nvfp4rtngrad-nvprobs with each activation's clip fitted to minimize its "
+        "estimated quantization MSE (scaler 'mse') instead of by SAWB's formula, which sets the "
+        "clip of a ReLU output's unsigned grid as if it were the signed grid's",
+        roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
+        activation=UNSIGNED_MSE_ACTIVATION,
         **NV_NEAREST_GRADIENTS,
     ),
     _ibm4_variant(

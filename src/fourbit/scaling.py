@@ -1,4 +1,5 @@
-"""How a scale is chosen: SAWB (weights), PACT (activations), Max, GradScale (gradients).
+"""How a scale is chosen: SAWB (weights), PACT (activations), MSE-optimal clip, Max, GradScale
+(gradients).
 
 A scale maps a tensor onto a format's unit grid: `fmt.quantize(x, scale)`. The scalers
 here return float32 scalar tensors and never call `.item()`, so they add no host sync.
@@ -59,6 +60,48 @@ def sawb_scale(
     alpha = (c1 * w64.square().mean(**axes).sqrt() + c2 * w64.abs().mean(**axes)).float()
     alpha = torch.where(alpha > 0, alpha, _amax(w, dim))
     return torch.where(alpha > 0, alpha / fmt.qmax, torch.ones_like(alpha))
+
+
+MSE_CLIP_CANDIDATES = 1024  # clips tried by mse_scale: amax·j/1024, j = 1 ... 1024
+
+
+def mse_scale(x: Tensor, fmt: IntFormat, candidates: int = MSE_CLIP_CANDIDATES) -> Tensor:
+    """The clip alpha that minimizes x's estimated quantization MSE on fmt's grid; scale = alpha / qmax.
+
+    The estimate is OCTAV's (Sakr et al. 2022): a nonzero value inside the clip costs the
+    rounding noise step²/12 (step = alpha / qmax), one beyond it (|x| - alpha)², an exact
+    0 nothing (every grid holds it). Where SAWB's published fit approximates this optimum
+    for bell-shaped tensors, this finds it for any shape: a ReLU output, half of it exactly
+    0, is not one (and on the unsigned grid 0 ... 15 SAWB's clip is the signed grid's,
+    fitted for 7 steps a side, not 15). The candidates alpha_j = amax·j/n, j = 1 ... n
+    (n = `candidates`) are all scored from one count of |x| in the n bins between them,
+    each value counted at its bin's middle (amax/2n from its place at most), so the minimum
+    found is the global one on that grid of clips; the first of equal minima wins. An
+    all-zero tensor gets scale 1; a tensor with NaN or inf, a NaN scale. (On a GPU, the
+    count reads its size back once.)
+    """
+    n = candidates
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"candidates must be a positive integer; got {n!r}")
+    a = x.detach().reshape(-1).float().abs()
+    amax = a.amax() if a.numel() else a.new_zeros(())
+    usable = torch.where(torch.isfinite(amax) & (amax > 0), amax, 1.0)
+    # bin k: amax·k/n <= |x| < amax·(k+1)/n (|x| = amax in the last); clip j keeps bins < j
+    # (NaN and inf land in some bin after the clamp: the scale is NaN then, whatever the bins)
+    count = torch.bincount((a * (n / usable)).long().clamp_(0, n - 1), minlength=n).double()
+    count[0] -= a.numel() - (a > 0).sum()  # exact zeros (all in bin 0) cost no noise
+    # in units of the bin width: bin k's middle m_k = k + 1/2 lies m_k - j beyond clip j, so
+    # the clip error is sum over k >= j of count_k·(m_k - j)², from three suffix sums
+    middle = torch.arange(n, dtype=torch.float64, device=a.device) + 0.5
+    moments = torch.stack([count, count * middle, count * middle.square()])
+    beyond = moments.flip(1).cumsum(1).flip(1)  # [:, j]: bins j ... n-1 (clip j+1 ... is next)
+    beyond = torch.cat([beyond[:, 1:], beyond.new_zeros(3, 1)], 1)  # [:, j-1]: bins >= j
+    j = middle + 0.5  # clips 1 ... n in bin widths
+    inside = count.sum() - beyond[0]
+    clip_error = beyond[2] - 2 * j * beyond[1] + j.square() * beyond[0]
+    best = (j[(j.square() / (12 * fmt.qmax**2) * inside + clip_error).argmin()] / n).float() * amax
+    scale = torch.where(best > 0, best / fmt.qmax, torch.ones_like(best))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 class _PACTClip(torch.autograd.Function):

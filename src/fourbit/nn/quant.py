@@ -20,7 +20,7 @@ from torch import Tensor
 from fourbit.formats import BlockCodes, BlockFormat, FloatFormat, Format, IntFormat, kernels
 from fourbit.formats.base import check_scale
 from fourbit.nn.spec import OperandSpec
-from fourbit.scaling import max_scale, sawb_scale
+from fourbit.scaling import max_scale, mse_scale, sawb_scale
 
 
 def pack_nibbles(codes: Tensor) -> Tensor:
@@ -123,6 +123,8 @@ def operand_scale(spec: OperandSpec, x: Tensor, axis: int = -1) -> Tensor | floa
     dim = axis if spec.granularity == "row" else None
     if spec.scaler == "sawb":
         return sawb_scale(x, fmt, dim=dim)
+    if spec.scaler == "mse":
+        return mse_scale(x, fmt)
     if spec.scaler == "max":
         return max_scale(x, fmt, dim=dim)
     if spec.scaler == "fixed":

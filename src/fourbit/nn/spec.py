@@ -15,7 +15,8 @@ from fourbit import formats
 from fourbit.formats import BlockFormat, Format, IntFormat, LogFormat
 from fourbit.scaling import GRADSCALE_RULES
 
-SCALERS = ("none", "sawb", "pact", "max", "fixed")
+SCALERS = ("none", "sawb", "mse", "pact", "max", "fixed")
+CLIP_FITS = ("sawb", "mse")  # scalers that fit a clip to each tensor from its statistics
 GRANULARITIES = ("tensor", "row")
 ACCUMULATE = ("fp32", "fp16")
 
@@ -25,10 +26,11 @@ class OperandSpec:
     """How one GEMM operand is quantized.
 
     format:    a `fourbit.formats` name, or None for float32 (no quantization);
-    scaler:    `sawb` (weights), `pact` (activations, learnable clip), `max` (this tensor's
-               amax), `fixed` (`scale`), or `none` (scale 1: float formats, block formats
-               that carry their own scales, gradients scaled by GradScale). An activation
-               with `pact`, or with `sawb` on an unsigned format (`uint4`), takes the
+    scaler:    `sawb` (weights), `mse` (the clip that minimizes the estimated quantization
+               MSE, `scaling.mse_scale`), `pact` (activations, learnable clip), `max` (this
+               tensor's amax), `fixed` (`scale`), or `none` (scale 1: float formats, block
+               formats that carry their own scales, gradients scaled by GradScale). An
+               activation with `pact`, or with `sawb` or `mse` on an unsigned format (`uint4`), takes the
                unsigned grid where its first input is nonnegative and the signed grid of
                the same width where not (`scaling.InputSign`);
     rounding:  one of the format's roundings, None for its default;
@@ -65,7 +67,7 @@ class OperandSpec:
                 raise ValueError("a float32 operand (format=None) takes no scaler, rounding or underflow")
             return
         fmt = formats.get(self.format)  # ValueError listing the names
-        if self.scaler in ("sawb", "pact") and not isinstance(fmt, IntFormat):
+        if self.scaler in (*CLIP_FITS, "pact") and not isinstance(fmt, IntFormat):
             raise ValueError(f"scaler {self.scaler!r} needs an integer format; got {self.format!r}")
         if self.rounding is not None and self.rounding not in fmt.roundings:
             raise ValueError(
@@ -91,16 +93,16 @@ class OperandSpec:
 
     @property
     def sign_from_input(self) -> bool:
-        """Whether the first input fixes the grid's sign (PACT, or SAWB on an unsigned grid)."""
-        unsigned_sawb = self.scaler == "sawb" and isinstance(self.fmt, IntFormat) and not self.fmt.signed
-        return self.scaler == "pact" or unsigned_sawb
+        """Whether the first input fixes the grid's sign (PACT, or SAWB / MSE on an unsigned grid)."""
+        unsigned_fit = self.scaler in CLIP_FITS and isinstance(self.fmt, IntFormat) and not self.fmt.signed
+        return self.scaler == "pact" or unsigned_fit
 
     @functools.cached_property
     def for_signed_input(self) -> OperandSpec:
-        """This spec for an input with negative values: SAWB on an unsigned grid takes the
-        signed grid of the same width (the unsigned one would send every negative value to
-        0); any other spec is itself (PACT picks its grid in its own module)."""
-        if self.scaler == "sawb" and self.sign_from_input:
+        """This spec for an input with negative values: SAWB or MSE on an unsigned grid takes
+        the signed grid of the same width (the unsigned one would send every negative value
+        to 0); any other spec is itself (PACT picks its grid in its own module)."""
+        if self.scaler in CLIP_FITS and self.sign_from_input:
             return dataclasses.replace(self, format=IntFormat(self.fmt.bits).name)
         return self
 
