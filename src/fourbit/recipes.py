@@ -232,6 +232,7 @@ UNSIGNED_SAWB_ACTIVATION = OperandSpec("uint4", "sawb")
 UNSIGNED_MSE_ACTIVATION = OperandSpec("uint4", "mse")
 # attention probabilities and the values they mix in NVFP4 (blocks of 16 keys), NVFP4 gradients
 NV_PROBS = dataclasses.replace(IBM4_LAYER, activation=OperandSpec("nvfp4"), **NV_GRADIENTS)
+NV_PROBS_NEAREST = dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)  # the same, gradients to nearest
 
 _PRESETS = [
     Recipe("fp32", description="float32 everywhere: the baseline"),
@@ -366,7 +367,7 @@ _PRESETS = [
         "ibm4-usawb-nvfp4grad-nvprobs with its NVFP4 gradients rounded to nearest instead of "
         "stochastically (as mxfp4's): whether stochastic rounding's noise is what costs the last, "
         "low-learning-rate epoch",
-        roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
+        roles={"attention_probs": NV_PROBS_NEAREST},
         activation=UNSIGNED_SAWB_ACTIVATION,
         **NV_NEAREST_GRADIENTS,
     ),
@@ -375,7 +376,7 @@ _PRESETS = [
         "ibm4-usawb-nvfp4rtngrad-nvprobs with each activation's clip fitted to minimize its "
         "estimated quantization MSE (scaler 'mse') instead of by SAWB's formula, which sets the "
         "clip of a ReLU output's unsigned grid as if it were the signed grid's",
-        roles={"attention_probs": dataclasses.replace(NV_PROBS, **NV_NEAREST_GRADIENTS)},
+        roles={"attention_probs": NV_PROBS_NEAREST},
         activation=UNSIGNED_MSE_ACTIVATION,
         **NV_NEAREST_GRADIENTS,
     ),
