@@ -94,8 +94,8 @@ def mse_scale(x: Tensor, fmt: IntFormat, candidates: int = MSE_CLIP_CANDIDATES) 
     # the clip error is sum over k >= j of count_k·(m_k - j)², from three suffix sums
     middle = torch.arange(n, dtype=torch.float64, device=a.device) + 0.5
     moments = torch.stack([count, count * middle, count * middle.square()])
-    beyond = moments.flip(1).cumsum(1).flip(1)  # [:, j]: bins j ... n-1 (clip j+1 ... is next)
-    beyond = torch.cat([beyond[:, 1:], beyond.new_zeros(3, 1)], 1)  # [:, j-1]: bins >= j
+    suffix = moments.flip(1).cumsum(1).flip(1)  # column k: bins k ... n-1
+    beyond = torch.cat([suffix[:, 1:], suffix.new_zeros(3, 1)], 1)  # column j-1: beyond clip j
     j = middle + 0.5  # clips 1 ... n in bin widths
     inside = count.sum() - beyond[0]
     clip_error = beyond[2] - 2 * j * beyond[1] + j.square() * beyond[0]
