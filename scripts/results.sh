@@ -21,7 +21,7 @@ args_for() {
     r20-ablation) echo "--task fashion-resnet20 --recipes fp32,fp16,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4,ibm4-luqgrad,ibm4-fp16grad --epochs 5 --train-limit 12000" ;;
     r20-adam) echo "--task fashion-resnet20 --recipes fp32,ibm4,ibm4-fp16grad --epochs 5 --train-limit 12000 --optimizer adam --lr 1e-3" ;;
     mnv2) echo "--task fashion-mobilenetv2 --recipes fp32,ibm4,ibm4-pw-hfp8 --epochs 5 --train-limit 12000" ;;
-    translate-headline) echo "--task translate-transformer --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4,ibm4-luqgrad,ibm4-nvfp4grad,ibm4-fp16grad,ibm4-sawb-nvfp4grad,ibm4-sawb-nvfp4grad-nvprobs,ibm4-rowsawb-nvfp4grad-nvprobs,ibm4-usawb-nvfp4grad-nvprobs,ibm4-usawb-nvfp4rtngrad-nvprobs,ibm4-usawb-nvprobs-fp16grad" ;;
+    translate-headline) echo "--task translate-transformer --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4,ibm4-luqgrad,ibm4-nvfp4grad,ibm4-fp16grad,ibm4-sawb-nvfp4grad,ibm4-sawb-nvfp4grad-nvprobs,ibm4-rowsawb-nvfp4grad-nvprobs,ibm4-usawb-nvfp4grad-nvprobs,ibm4-usawb-nvfp4rtngrad-nvprobs,ibm4-umse-nvfp4rtngrad-nvprobs,ibm4-usawb-nvprobs-fp16grad" ;;
     translate-ablation) echo "--task translate-transformer --recipes fp32,ibm4,ibm4-notpr,ibm4-radix2,ibm4-nogradscale,ibm4-radix8,ibm4-fp16acc,all4,ibm4-sawb,ibm4-fp16grad,ibm4-fp16fwd,ibm4-gradsr,luq4,ibm4-matmul-fp16grad,ibm4-luqgrad,ibm4-fp16dx,ibm4-fp16dw,ibm4-nvfp4grad,ibm4-nvfp4dx --epochs 1" ;;
     translate-sgd) echo "--task translate-transformer --recipes fp32,ibm4 --epochs 1 --optimizer sgd --lr 0.1" ;;
     speech-headline) echo "--task speech-bilstm --recipes fp32,ibm4,fp16,hfp8,luq4,mxfp4,nvfp4" ;;
