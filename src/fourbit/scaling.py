@@ -2,7 +2,8 @@
 (gradients).
 
 A scale maps a tensor onto a format's unit grid: `fmt.quantize(x, scale)`. The scalers
-here return float32 scalar tensors and never call `.item()`, so they add no host sync.
+here return float32 scalar tensors and never call `.item()`, so they add no host sync
+(but for mse_scale's count of |x|, which reads its size back once on a GPU).
 """
 
 from __future__ import annotations

@@ -170,7 +170,9 @@ class LayerSpec:
         if self.accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be one of {ACCUMULATE}; got {self.accumulate!r}")
         if self.weight.scaler == "pact":
-            raise ValueError("weights cannot use the PACT scaler (it clips activations); use sawb or max")
+            raise ValueError(
+                "weights cannot use the PACT scaler (it clips activations); use sawb, mse or max"
+            )
         for role in ("grad_dx", "grad_dw"):
             if getattr(self, role).scaler not in ("none",):
                 raise ValueError(f"{role} is scaled by GradScale; its scaler must be 'none'")
